@@ -1,0 +1,1 @@
+"""Service catalog: model, stores, registration and health checks (lowest layer)."""

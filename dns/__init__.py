@@ -1,0 +1,1 @@
+"""CoreDNS-style resolver: Corefile parser, server, plugin chain."""

@@ -1,0 +1,1 @@
+"""Shared trust, peering, traffic policy and the routing table."""

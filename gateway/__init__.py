@@ -1,0 +1,1 @@
+"""Data plane: ingress and egress listeners, tunnels, load balancing."""
