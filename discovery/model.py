@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import Mapping
 
 from discovery.names import ServiceKey
 
@@ -64,30 +63,21 @@ class Check:
         return out
 
 
-def _frozen(d: Mapping[str, object] | None) -> Mapping:
-    return MappingProxyType(dict(d or {}))
-
-
 @dataclass(frozen=True, slots=True)
 class Workload:
-    """A registered workload (a VM process or a pod) and its desired state."""
+    """A registered workload (a VM process or a pod) and its desired state.
+
+    `ports` and `labels` are owned by the value: built once, never mutated afterwards."""
 
     id: str
     service: ServiceKey
     address: str
     ports: Mapping[str, int]
     cluster: str
-    labels: Mapping[str, str] = field(default_factory=lambda: _frozen(None))
+    labels: Mapping[str, str] = field(default_factory=dict)
     locality: Locality = EMPTY_LOCALITY
     weight: int = 1
     check: Check | None = None
-
-    def __post_init__(self) -> None:
-        # Values are shared between tasks and threads: never let a caller's dict leak in.
-        if not isinstance(self.ports, MappingProxyType):
-            object.__setattr__(self, "ports", _frozen(self.ports))
-        if not isinstance(self.labels, MappingProxyType):
-            object.__setattr__(self, "labels", _frozen(self.labels))
 
     def to_json(self, health: Health) -> dict[str, object]:
         out: dict[str, object] = {

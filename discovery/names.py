@@ -6,7 +6,9 @@ import re
 from dataclasses import dataclass
 
 LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-LABEL_EXPECTED = "a DNS label: lowercase letters, digits and '-', 1-63 chars, alphanumeric at both ends"
+LABEL_EXPECTED = (
+    "a DNS label: lowercase letters, digits and '-', 1-63 chars, alphanumeric at both ends"
+)
 DEFAULT_NAMESPACE = "default"
 
 

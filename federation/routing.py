@@ -2,7 +2,8 @@
 
 `federation` computes it (from the catalog, peers' exports and traffic policies); `gateway`
 and `dns` only read it. A new snapshot replaces the old one atomically through a
-`TableHolder`; readers keep whichever snapshot they started with.
+`TableHolder`; readers keep whichever snapshot they started with. Mappings inside a snapshot
+are plain dicts (so snapshots pickle to worker processes) and are never mutated after build.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 
 from discovery.model import EMPTY_LOCALITY, Locality
 from discovery.names import ServiceKey
@@ -52,7 +52,7 @@ class ServiceRoute:
     ports: Mapping[str, int]
     destinations: tuple[Destination, ...]
     # `<name>.<namespace>.<cluster>.global` resolves to a VIP that routes only to that cluster.
-    cluster_vips: Mapping[str, IPAddress] = field(default_factory=lambda: MappingProxyType({}))
+    cluster_vips: Mapping[str, IPAddress] = field(default_factory=dict)
     failover: bool = True
     policy_version: str | None = None
     exported: bool = False
@@ -72,9 +72,7 @@ class RoutingTable:
     services: Mapping[ServiceKey, ServiceRoute]
     clusters: frozenset[str] = frozenset()
     # VIP -> (service, pinned cluster or None); built once per snapshot for the egress.
-    by_vip: Mapping[IPAddress, tuple[ServiceKey, str | None]] = field(
-        default_factory=lambda: MappingProxyType({})
-    )
+    by_vip: Mapping[IPAddress, tuple[ServiceKey, str | None]] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -97,9 +95,9 @@ class RoutingTable:
             version=version,
             cluster=cluster,
             trust_domain=trust_domain,
-            services=MappingProxyType(services),
+            services=services,
             clusters=frozenset(clusters if clusters is not None else seen_clusters),
-            by_vip=MappingProxyType(by_vip),
+            by_vip=by_vip,
         )
 
     def get(self, service: ServiceKey) -> ServiceRoute | None:
