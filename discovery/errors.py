@@ -10,9 +10,16 @@ class DiscoveryError(Exception):
 class InvalidInput(DiscoveryError):
     """The caller sent something the catalog cannot store."""
 
-    def __init__(self, message: str, field: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        field: str | None = None,
+        problems: list[tuple[str, str]] | None = None,
+    ) -> None:
         super().__init__(message)
         self.field = field
+        # Every (path, message) found, so a caller can fix all of them in one go.
+        self.problems = problems or ([(field or "", message)])
 
 
 class NotFound(DiscoveryError):

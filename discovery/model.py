@@ -78,6 +78,7 @@ class Workload:
     locality: Locality = EMPTY_LOCALITY
     weight: int = 1
     check: Check | None = None
+    source: str = "api"  # "api", "config" or "agent": config-sourced ones follow config reloads
 
     def to_json(self, health: Health) -> dict[str, object]:
         out: dict[str, object] = {

@@ -1,0 +1,239 @@
+"""Health checking for every workload in the catalog.
+
+One scheduler task and a heap of due times rather than a task per workload: 100,000
+workloads cost 100,000 small heap entries, not 100,000 coroutines. First checks are spread
+with jitter over the interval so a restart does not fire them all at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from prometheus_client import Counter
+
+from discovery.catalog import Catalog
+from discovery.errors import DiscoveryError, InvalidInput, NotFound
+from discovery.model import Check, CheckKind, Health, WorkloadState
+from discovery.probes import ProbeResult, probe_http, probe_tcp
+
+log = logging.getLogger(__name__)
+
+CHECKS = Counter(
+    "isthmus_health_checks_total", "Health checks run, by kind and result", ["kind", "result"]
+)
+TRANSITIONS = Counter(
+    "isthmus_health_transitions_total", "Workload health changes, by new state", ["health"]
+)
+
+# A newly registered workload is checked within this long, not a whole interval later.
+NEW_WORKLOAD_DELAY = 0.5
+
+
+@dataclass(slots=True)
+class _Tracked:
+    check: Check
+    generation: int
+    health: Health
+    successes: int = 0
+    failures: int = 0
+    critical_since: float | None = None
+    ttl_deadline: float = 0.0
+    running: bool = False
+
+
+class HealthChecker:
+    def __init__(
+        self,
+        catalog: Catalog,
+        *,
+        max_concurrent: int = 1024,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.catalog = catalog
+        self._sem = asyncio.Semaphore(max_concurrent)
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._tracked: dict[str, _Tracked] = {}
+        self._heap: list[tuple[float, int, str, int]] = []
+        self._seq = 0
+        self._generation = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._probes: set[asyncio.Task[None]] = set()
+        self._unsubscribe: Callable[[], None] | None = None
+
+    def _now(self) -> float:
+        return self._clock() if self._clock else asyncio.get_running_loop().time()
+
+    async def start(self) -> None:
+        now = self._now()
+        for st in self.catalog.workloads():
+            self._track(st, now, spread=True)
+        self._unsubscribe = self.catalog.subscribe(self._on_change)
+        self._task = asyncio.create_task(self._run(), name="health-scheduler")
+
+    async def stop(self) -> None:
+        if self._unsubscribe:
+            self._unsubscribe()
+        if self._task:
+            self._task.cancel()
+        for t in list(self._probes):
+            t.cancel()
+        await asyncio.gather(
+            *(t for t in [self._task, *self._probes] if t), return_exceptions=True
+        )
+
+    @property
+    def tracked(self) -> int:
+        return len(self._tracked)
+
+    # catalog changes -------------------------------------------------------------------------
+    def _on_change(self, _index: int, workload_id: str, state: WorkloadState | None) -> None:
+        tracked = self._tracked.get(workload_id)
+        if state is None or state.workload.check is None:
+            self._tracked.pop(workload_id, None)
+            return
+        if tracked is not None and tracked.check == state.workload.check:
+            tracked.health = state.health
+            return
+        self._track(state, self._now(), spread=False)
+
+    def _track(self, st: WorkloadState, now: float, spread: bool) -> None:
+        check = st.workload.check
+        if check is None:
+            return
+        self._generation += 1
+        t = _Tracked(check, self._generation, st.health)
+        if st.health is Health.CRITICAL:
+            t.critical_since = now
+        self._tracked[st.workload.id] = t
+        if check.kind is CheckKind.TTL:
+            t.ttl_deadline = now + check.ttl
+            self._schedule(t.ttl_deadline, st.workload.id, t)
+        else:
+            window = check.interval if spread else min(check.interval, NEW_WORKLOAD_DELAY)
+            self._schedule(now + self._rng.uniform(0, window), st.workload.id, t)
+
+    def _schedule(self, due: float, workload_id: str, t: _Tracked) -> None:
+        self._seq += 1
+        wake = not self._heap or due < self._heap[0][0]
+        heapq.heappush(self._heap, (due, self._seq, workload_id, t.generation))
+        if wake:
+            self._wake.set()
+
+    # TTL heartbeats ----------------------------------------------------------------------------
+    async def heartbeat(self, workload_id: str) -> WorkloadState:
+        st = self.catalog.get(workload_id)
+        t = self._tracked.get(workload_id)
+        check = st.workload.check
+        if check is None or check.kind is not CheckKind.TTL or t is None:
+            raise InvalidInput(
+                f"workload {workload_id!r} has no TTL check; heartbeats apply to TTL checks only",
+                field="check",
+            )
+        t.ttl_deadline = self._now() + check.ttl
+        self._schedule(t.ttl_deadline, workload_id, t)
+        CHECKS.labels("ttl", "pass").inc()
+        await self._record(workload_id, t, ProbeResult(True, "TTL heartbeat received"))
+        return self.catalog.get(workload_id)
+
+    # the scheduler ------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            now = self._now()
+            while self._heap and self._heap[0][0] <= now:
+                _, _, wid, gen = heapq.heappop(self._heap)
+                t = self._tracked.get(wid)
+                if t is None or t.generation != gen:
+                    continue  # deregistered or re-registered with another check
+                if t.check.kind is CheckKind.TTL:
+                    if t.ttl_deadline <= now:
+                        self._spawn(self._ttl_expired(wid, t))
+                    continue
+                if t.running:  # previous probe still in flight: try again next interval
+                    self._schedule(now + t.check.interval, wid, t)
+                    continue
+                t.running = True
+                self._spawn(self._probe(wid, t))
+            timeout = self._heap[0][0] - now if self._heap else None
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.create_task(coro)  # type: ignore[arg-type]
+        self._probes.add(task)
+        task.add_done_callback(self._probes.discard)
+
+    async def _probe(self, wid: str, t: _Tracked) -> None:
+        check = t.check
+        try:
+            async with self._sem:
+                started = self._now()
+                if check.kind is CheckKind.HTTP:
+                    result = await probe_http(check.target, check.timeout)
+                else:
+                    result = await probe_tcp(check.target, check.timeout)
+            CHECKS.labels(check.kind.value, "pass" if result.ok else "fail").inc()
+            await self._record(wid, t, result)
+        finally:
+            t.running = False
+        if self._tracked.get(wid) is t:
+            self._schedule(started + check.interval, wid, t)
+
+    async def _ttl_expired(self, wid: str, t: _Tracked) -> None:
+        CHECKS.labels("ttl", "fail").inc()
+        await self._record(wid, t, ProbeResult(False, f"TTL of {t.check.ttl:g}s expired"))
+        if self._tracked.get(wid) is t and t.check.deregister_after is not None:
+            # Keep an expiry entry queued so deregister_after is honoured without heartbeats.
+            self._schedule(self._now() + min(t.check.ttl, t.check.deregister_after), wid, t)
+            t.ttl_deadline = self._now()
+
+    async def _record(self, wid: str, t: _Tracked, result: ProbeResult) -> None:
+        now = self._now()
+        if result.ok:
+            t.successes, t.failures = t.successes + 1, 0
+        else:
+            t.successes, t.failures = 0, t.failures + 1
+        new = t.health
+        if result.ok and t.successes >= t.check.success_threshold:
+            new = Health.PASSING
+        elif not result.ok and t.failures >= t.check.failure_threshold:
+            new = Health.CRITICAL
+        if new is Health.CRITICAL and t.critical_since is None:
+            t.critical_since = now
+        elif new is not Health.CRITICAL:
+            t.critical_since = None
+        if self._tracked.get(wid) is not t:
+            return
+        try:
+            if new is not t.health:
+                t.health = new
+                TRANSITIONS.labels(new.value).inc()
+                log.info(
+                    "workload health changed",
+                    extra={"workload": wid, "health": new.value, "output": result.output},
+                )
+                await self.catalog.set_health(wid, new, result.output)
+            dereg = t.check.deregister_after
+            since = t.critical_since
+            if dereg is not None and since is not None and now - since >= dereg:
+                log.warning(
+                    "deregistering workload critical for too long",
+                    extra={"workload": wid, "critical_for": round(now - since, 3)},
+                )
+                self._tracked.pop(wid, None)
+                await self.catalog.delete(wid)
+        except NotFound:
+            pass
+        except DiscoveryError as e:
+            log.error("cannot record health", extra={"workload": wid, "error": str(e)})

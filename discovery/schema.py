@@ -1,0 +1,230 @@
+"""The workload registration body (API, CLI and `discovery.workloads` in the config).
+
+Validated with pydantic so every problem is reported at once with its path; then turned into
+the catalog's own immutable `Workload` value.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from discovery.durations import parse_duration
+from discovery.errors import InvalidInput
+from discovery.model import Check, CheckKind, Locality, Workload
+from discovery.names import DEFAULT_NAMESPACE, LABEL_EXPECTED, ServiceKey, is_label
+
+MAX_LABELS = 64
+MAX_PORTS = 64
+
+
+def _label(value: object) -> object:
+    if not is_label(value):
+        raise ValueError(f"expected {LABEL_EXPECTED}")
+    return value
+
+
+def _duration(value: object) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("expected a positive duration")
+    return seconds
+
+
+def _host(value: str) -> str:
+    """An IP address or a DNS host name."""
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        pass
+    labels = value.rstrip(".").split(".")
+    if (
+        len(value) > 253
+        or not labels
+        or not all(is_label(p.lower()) for p in labels)
+        or labels[-1].isdigit()
+    ):
+        raise ValueError("expected an IP address or a DNS host name")
+    return value.lower()
+
+
+def _host_port(value: object) -> str:
+    if not isinstance(value, str) or ":" not in value:
+        raise ValueError("expected HOST:PORT")
+    host, _, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError("expected HOST:PORT with a port from 1 to 65535")
+    host = _host(host)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+Label = Annotated[StrictStr, BeforeValidator(_label)]
+Duration = Annotated[float, BeforeValidator(_duration)]
+Port = Annotated[StrictInt, Field(ge=1, le=65535)]
+LabelKey = Annotated[StrictStr, Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9._/-]+$")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LocalitySpec(_Strict):
+    region: Annotated[StrictStr, Field(max_length=63)] = ""
+    zone: Annotated[StrictStr, Field(max_length=63)] = ""
+
+
+class CheckSpec(_Strict):
+    http: StrictStr | None = None
+    tcp: StrictStr | None = None
+    ttl: Duration | None = None
+    interval: Duration = 10.0
+    timeout: Duration = 2.0
+    success_threshold: Annotated[StrictInt, Field(ge=1, le=100)] = 1
+    failure_threshold: Annotated[StrictInt, Field(ge=1, le=100)] = 1
+    deregister_after: Duration | None = None
+
+    @field_validator("http")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("expected an http:// or https:// URL with a host")
+        try:
+            _ = parts.port
+        except ValueError as e:
+            raise ValueError(f"expected a valid port in the URL ({e})") from None
+        return v
+
+    @field_validator("tcp")
+    @classmethod
+    def _tcp(cls, v: str | None) -> str | None:
+        return None if v is None else _host_port(v)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> CheckSpec:
+        kinds = [k for k in ("http", "tcp", "ttl") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError("expected exactly one of 'http', 'tcp' or 'ttl'")
+        if self.timeout > self.interval and self.ttl is None:
+            raise ValueError("expected 'timeout' no longer than 'interval'")
+        return self
+
+    def to_check(self) -> Check:
+        if self.ttl is not None:
+            kind, target = CheckKind.TTL, ""
+        elif self.http is not None:
+            kind, target = CheckKind.HTTP, self.http
+        else:
+            kind, target = CheckKind.TCP, self.tcp or ""
+        return Check(
+            kind=kind,
+            target=target,
+            interval=self.interval,
+            timeout=self.timeout,
+            ttl=self.ttl or 0.0,
+            success_threshold=self.success_threshold,
+            failure_threshold=self.failure_threshold,
+            deregister_after=self.deregister_after,
+        )
+
+
+class WorkloadSpec(_Strict):
+    service: Label
+    namespace: Label = DEFAULT_NAMESPACE
+    address: StrictStr
+    ports: dict[Label, Port] = Field(min_length=1, max_length=MAX_PORTS)
+    labels: dict[LabelKey, Annotated[StrictStr, Field(max_length=253)]] = Field(
+        default_factory=dict, max_length=MAX_LABELS
+    )
+    locality: LocalitySpec = LocalitySpec()
+    weight: Annotated[StrictInt, Field(ge=0, le=10000)] = 1
+    check: CheckSpec | None = None
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        return _host(v)
+
+    def to_workload(self, workload_id: str, cluster: str, source: str = "api") -> Workload:
+        return Workload(
+            id=workload_id,
+            service=ServiceKey(self.service, self.namespace),
+            address=self.address,
+            ports=dict(self.ports),
+            cluster=cluster,
+            labels=dict(self.labels),
+            locality=Locality(self.locality.region, self.locality.zone),
+            weight=self.weight,
+            check=None if self.check is None else self.check.to_check(),
+            source=source,
+        )
+
+
+WORKLOAD_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+
+
+class StaticWorkload(WorkloadSpec):
+    """A registration in the config file: the API body plus its id."""
+
+    id: Annotated[StrictStr, Field(pattern=WORKLOAD_ID_PATTERN)]
+
+
+def error_path(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc if not (isinstance(p, str) and p.startswith("function-")))
+
+
+def describe_errors(exc: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
+    """(path, message) per problem, the message naming the value and what was expected."""
+    out = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(p for p in err["loc"] if p not in ("function-after", "function-before"))
+        path = ".".join(filter(None, [prefix, error_path(loc)]))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        elif "input" in err and err["type"] != "missing":
+            shown = repr(err["input"])
+            if len(shown) > 80:
+                shown = shown[:77] + "..."
+            msg = f"{msg} (got {shown})"
+        out.append((path, msg))
+    return out
+
+
+def parse_workload(body: object, workload_id: str, cluster: str, source: str = "api") -> Workload:
+    """Validate a registration body; raises InvalidInput naming the first field, all problems."""
+    if not re.match(WORKLOAD_ID_PATTERN, workload_id):
+        raise InvalidInput(
+            f"workload id {workload_id!r}: expected 1-128 chars of letters, digits, '.', '_', "
+            "':' or '-', starting with a letter or digit",
+            field="id",
+        )
+    try:
+        spec = WorkloadSpec.model_validate(body)
+    except ValidationError as e:
+        problems = describe_errors(e)
+        raise InvalidInput(
+            "; ".join(f"{p}: {m}" if p else m for p, m in problems),
+            field=problems[0][0] or None,
+            problems=problems,
+        ) from None
+    return spec.to_workload(workload_id, cluster, source)
