@@ -1,0 +1,39 @@
+"""Gateway errors, grouped by meaning (as httpcore does): bad input, no route, I/O trouble."""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Base of every error the data plane raises."""
+
+
+class ProtocolError(GatewayError):
+    """A peer sent bytes that do not follow the protocol."""
+
+
+class ClientHelloError(ProtocolError):
+    """The ClientHello parser was misused or met input it cannot accept."""
+
+
+class SniError(ProtocolError, ValueError):
+    """A server name is not a valid cross-cluster SNI."""
+
+
+class RoutingError(GatewayError):
+    """No destination can take the connection or request."""
+
+
+class NoDestination(RoutingError):
+    """The route has no destination matching the request (unknown pinned cluster, none at all)."""
+
+
+class NoHealthyDestination(RoutingError):
+    """Destinations exist but none has healthy capacity."""
+
+    def __init__(self, message: str, cluster: str | None = None) -> None:
+        super().__init__(message)
+        self.cluster = cluster
+
+
+class RelayError(GatewayError):
+    """The byte relay between two connections failed."""

@@ -1,0 +1,117 @@
+"""Cross-cluster server names (DESIGN §3).
+
+- a service port: `<port>.<name>.<namespace>.<cluster>.<trust_domain>`, where `<port>` is the
+  service's port *name* (a DNS label; names are what local endpoints agree on, numbers are not);
+- peering: the reserved `federation.<cluster>.<trust_domain>`.
+
+The trust domain may contain dots, so a name is parsed against a known trust domain: strip
+`.<trust_domain>`, then two labels left mean peering and four mean a service.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from discovery.names import LABEL_EXPECTED, ServiceKey, is_label
+from gateway.errors import SniError
+
+__all__ = [
+    "FEDERATION_LABEL",
+    "MAX_SNI",
+    "FederationSni",
+    "ServiceSni",
+    "federation_sni",
+    "parse_sni",
+    "service_sni",
+    "validate_trust_domain",
+]
+
+FEDERATION_LABEL = "federation"
+MAX_SNI = 253
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSni:
+    port: str
+    service: ServiceKey
+    cluster: str
+    trust_domain: str
+
+    def __str__(self) -> str:
+        s = self.service
+        return f"{self.port}.{s.name}.{s.namespace}.{self.cluster}.{self.trust_domain}"
+
+
+@dataclass(frozen=True, slots=True)
+class FederationSni:
+    cluster: str
+    trust_domain: str
+
+    def __str__(self) -> str:
+        return f"{FEDERATION_LABEL}.{self.cluster}.{self.trust_domain}"
+
+
+def validate_trust_domain(trust_domain: str) -> str:
+    """Return the trust domain if it can end a host name (dot-separated DNS labels)."""
+    if not trust_domain or len(trust_domain) > MAX_SNI:
+        raise SniError(f"trust domain {trust_domain!r} must be 1-{MAX_SNI} characters")
+    for label in trust_domain.split("."):
+        if not is_label(label):
+            raise SniError(
+                f"trust domain {trust_domain!r}: label {label!r} is not {LABEL_EXPECTED}"
+            )
+    return trust_domain
+
+
+def _check_label(what: str, value: str) -> None:
+    if not is_label(value):
+        raise SniError(f"{what} {value!r} is not {LABEL_EXPECTED}")
+
+
+def _check_length(sni: str) -> str:
+    if len(sni) > MAX_SNI:
+        raise SniError(f"server name of {len(sni)} characters is longer than {MAX_SNI}")
+    return sni
+
+
+def service_sni(port: str, service: ServiceKey, cluster: str, trust_domain: str) -> str:
+    """Format the SNI an egress sends to reach `service`'s `port` in `cluster`."""
+    _check_label("port name", port)
+    _check_label("service name", service.name)
+    _check_label("namespace", service.namespace)
+    _check_label("cluster", cluster)
+    validate_trust_domain(trust_domain)
+    return _check_length(str(ServiceSni(port, service, cluster, trust_domain)))
+
+
+def federation_sni(cluster: str, trust_domain: str) -> str:
+    """Format the reserved SNI that carries peering to `cluster`."""
+    _check_label("cluster", cluster)
+    validate_trust_domain(trust_domain)
+    return _check_length(str(FederationSni(cluster, trust_domain)))
+
+
+def parse_sni(server_name: str, trust_domain: str) -> ServiceSni | FederationSni:
+    """Parse a server name under `trust_domain`; raises SniError saying what is wrong."""
+    if not server_name.isascii():  # lower() would fold e.g. KELVIN SIGN into "k"
+        raise SniError(f"server name {server_name!r} is not ASCII")
+    name = server_name.lower()
+    _check_length(name)
+    suffix = "." + validate_trust_domain(trust_domain)
+    if not name.endswith(suffix):
+        raise SniError(f"server name {server_name!r} is not under trust domain {trust_domain!r}")
+    labels = name[: -len(suffix)].split(".")
+    if len(labels) == 2 and labels[0] == FEDERATION_LABEL:
+        _check_label("cluster", labels[1])
+        return FederationSni(labels[1], trust_domain)
+    if len(labels) != 4:
+        raise SniError(
+            f"server name {server_name!r} is neither <port>.<name>.<namespace>.<cluster>."
+            f"{trust_domain} nor {FEDERATION_LABEL}.<cluster>.{trust_domain}"
+        )
+    port, svc, namespace, cluster = labels
+    _check_label("port name", port)
+    _check_label("service name", svc)
+    _check_label("namespace", namespace)
+    _check_label("cluster", cluster)
+    return ServiceSni(port, ServiceKey(svc, namespace), cluster, trust_domain)
