@@ -1,0 +1,346 @@
+"""The operators' control API (DESIGN §7): aiohttp, JSON, bearer tokens.
+
+Errors from every layer are translated here, at the boundary, into
+`{"error": ..., "field": ...}` with the matching HTTP status.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from discovery.catalog import Catalog, ServiceSummary
+from discovery.durations import parse_duration
+from discovery.errors import Conflict, DiscoveryError, InvalidInput, NotFound, StoreError
+from discovery.health import HealthChecker
+from discovery.names import ServiceKey
+from discovery.schema import parse_workload
+from isthmus import __version__
+from isthmus.auth import TokenRegistry
+from isthmus.metrics import API_LATENCY, API_REQUESTS
+
+log = logging.getLogger(__name__)
+
+MAX_WAIT = 300.0
+INDEX_HEADER = "X-Isthmus-Index"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, field: str | None = None, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.field = field
+        self.extra = extra
+
+
+@dataclass
+class ApiContext:
+    """What the handlers need; the appliance fills it in."""
+
+    cluster: str
+    node: str
+    trust_domain: str
+    roles: tuple[str, ...]
+    catalog: Catalog
+    checker: HealthChecker | None
+    tokens: TokenRegistry
+    started: float
+    # Optional parts contributed by other packages as they are enabled.
+    extra_status: Callable[[], dict[str, Any]] | None = None
+
+
+CTX: web.AppKey[ApiContext] = web.AppKey("isthmus_ctx", ApiContext)
+MAX_BODY: web.AppKey[int] = web.AppKey("isthmus_max_body", int)
+
+
+def json_response(data: Any, status: int = 200, index: int | None = None) -> web.Response:
+    headers = {INDEX_HEADER: str(index)} if index is not None else None
+    return web.Response(
+        text=json.dumps(data, separators=(",", ":")),
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def error_response(status: int, message: str, field: str | None, **extra: Any) -> web.Response:
+    body: dict[str, Any] = {"error": message}
+    if field:
+        body["field"] = field
+    body.update(extra)
+    return json_response(body, status)
+
+
+# --- middleware -------------------------------------------------------------------------------
+
+
+# The scope a route needs, by method; GET /v1/health needs none.
+def required_scope(request: web.Request) -> str | None:
+    path = request.path
+    if path == "/v1/health":
+        return None
+    if request.method in ("GET", "HEAD"):
+        return "read"
+    if path.startswith("/v1/workloads"):
+        return "workloads"
+    if path.endswith("/traffic"):
+        return "traffic"
+    if path.startswith("/v1/bootstrap-tokens"):
+        return "tokens"
+    return "admin"
+
+
+@web.middleware
+async def boundary(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Auth, error translation and request metrics for every route."""
+    started = time.perf_counter()
+    route = (
+        request.match_info.route.resource.canonical
+        if request.match_info.route.resource
+        else "unmatched"
+    )
+    status = 500
+    try:
+        scope = required_scope(request)
+        if scope is not None:
+            auth = request.headers.get("Authorization", "")
+            if not auth.startswith("Bearer ") or not auth[7:].strip():
+                raise ApiError(401, "missing bearer token: send 'Authorization: Bearer <token>'")
+            grant = request.app[CTX].tokens.lookup(auth[7:].strip())
+            if grant is None:
+                raise ApiError(401, "invalid bearer token")
+            if not grant.allows(scope):
+                raise ApiError(403, f"token lacks the '{scope}' scope this route needs")
+        response = await handler(request)
+        status = response.status
+        return response
+    except ApiError as e:
+        status = e.status
+        return error_response(e.status, str(e), e.field, **e.extra)
+    except InvalidInput as e:
+        status = 422
+        extra = {}
+        if len(e.problems) > 1:
+            extra["problems"] = [{"field": f, "error": m} for f, m in e.problems]
+        return error_response(422, str(e), e.field, **extra)
+    except NotFound as e:
+        status = 404
+        return error_response(404, str(e), None)
+    except Conflict as e:
+        status = 409
+        return error_response(409, str(e), None)
+    except StoreError as e:
+        status = 503
+        log.error("store error", extra={"path": request.path, "error": str(e)})
+        return error_response(503, str(e), None)
+    except DiscoveryError as e:
+        status = 400
+        return error_response(400, str(e), None)
+    except web.HTTPException as e:
+        status = e.status
+        if e.status == 413:
+            msg = f"request body too large: the limit is {request.app[MAX_BODY]} bytes"
+        elif e.status == 404:
+            msg = f"no route {request.method} {request.path}"
+        elif e.status == 405:
+            msg = f"method {request.method} not allowed on {request.path}"
+        else:
+            msg = e.reason
+        return error_response(e.status, msg, None)
+    finally:
+        API_REQUESTS.labels(request.method, route, str(status)).inc()
+        API_LATENCY.labels(request.method, route).observe(time.perf_counter() - started)
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()  # raises 413 past client_max_size
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"malformed JSON body: {e}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"expected a JSON object body, got {type(body).__name__}")
+    return body
+
+
+def blocking_params(request: web.Request) -> tuple[int | None, float]:
+    """Consul-style blocking query: `?index=N&wait=30s` returns once the index passes N."""
+    index_s = request.query.get("index")
+    if index_s is None:
+        return None, 0.0
+    if not index_s.isdigit():
+        raise ApiError(400, f"index {index_s!r}: expected a non-negative integer", "index")
+    try:
+        wait = parse_duration(request.query.get("wait", "60s"))
+    except ValueError as e:
+        raise ApiError(400, f"wait: {e}", "wait") from None
+    return int(index_s), min(wait, MAX_WAIT)
+
+
+async def wait_for_index(request: web.Request) -> int:
+    index, wait = blocking_params(request)
+    catalog = request.app[CTX].catalog
+    if index is None:
+        return catalog.index
+    return await catalog.wait(index, wait)
+
+
+def service_json(ctx: ApiContext, s: ServiceSummary) -> dict[str, Any]:
+    return {
+        "name": s.service.name,
+        "namespace": s.service.namespace,
+        "vip": str(s.vip) if s.vip else None,
+        "ports": s.ports,
+        "clusters": {ctx.cluster: {"healthy": s.healthy, "total": s.total}},
+    }
+
+
+def service_param(request: web.Request) -> ServiceKey | None:
+    text = request.query.get("service")
+    if text is None:
+        return None
+    try:
+        return ServiceKey.parse(text)
+    except ValueError as e:
+        raise ApiError(400, str(e), "service") from None
+
+
+# --- handlers --------------------------------------------------------------------------------
+
+
+async def health(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def put_workload(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    wid = request.match_info["id"]
+    body = await read_json(request)
+    workload = parse_workload(body, wid, ctx.cluster, source="api")
+    existed = True
+    try:
+        ctx.catalog.get(wid)
+    except NotFound:
+        existed = False
+    state = await ctx.catalog.put(workload)
+    log.info(
+        "workload registered",
+        extra={"workload": wid, "service": str(workload.service), "address": workload.address},
+    )
+    return json_response(state.to_json(), 200 if existed else 201, ctx.catalog.index)
+
+
+async def list_workloads(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    service = service_param(request)
+    index = await wait_for_index(request)
+    return json_response([st.to_json() for st in ctx.catalog.workloads(service)], index=index)
+
+
+async def get_workload(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    index = await wait_for_index(request)
+    return json_response(ctx.catalog.get(request.match_info["id"]).to_json(), index=index)
+
+
+async def delete_workload(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    wid = request.match_info["id"]
+    await ctx.catalog.delete(wid)
+    log.info("workload deregistered", extra={"workload": wid})
+    return web.Response(status=204, headers={INDEX_HEADER: str(ctx.catalog.index)})
+
+
+async def heartbeat(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    if ctx.checker is None:
+        raise ApiError(409, "health checking is not running on this appliance")
+    state = await ctx.checker.heartbeat(request.match_info["id"])
+    return json_response(state.to_json(), index=ctx.catalog.index)
+
+
+async def list_services(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    index = await wait_for_index(request)
+    return json_response([service_json(ctx, s) for s in ctx.catalog.services()], index=index)
+
+
+async def get_service(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    try:
+        key = ServiceKey.parse(f"{request.match_info['name']}.{request.match_info['namespace']}")
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
+    index = await wait_for_index(request)
+    summary = next((s for s in ctx.catalog.services() if s.service == key), None)
+    if summary is None:
+        raise ApiError(404, f"service {key} has no registered workloads")
+    out = service_json(ctx, summary)
+    out["endpoints"] = {
+        ctx.cluster: [
+            {
+                "id": st.workload.id,
+                "address": st.workload.address,
+                "ports": dict(st.workload.ports),
+                "health": st.health.value,
+                "weight": st.workload.weight,
+                "locality": st.workload.locality.to_json(),
+                "labels": dict(st.workload.labels),
+            }
+            for st in ctx.catalog.workloads(key)
+        ]
+    }
+    out["traffic"] = None  # no policy: default locality routing (DESIGN §5)
+    return json_response(out, index=index)
+
+
+async def status(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    health_counts = {"passing": 0, "critical": 0, "unknown": 0}
+    for st in ctx.catalog.workloads():
+        health_counts[st.health.value] += 1
+    out: dict[str, Any] = {
+        "cluster": ctx.cluster,
+        "node": ctx.node,
+        "trust_domain": ctx.trust_domain,
+        "roles": list(ctx.roles),
+        "version": __version__,
+        "uptime_seconds": round(time.time() - ctx.started, 3),
+        "catalog": {
+            "backend": type(ctx.catalog).__name__,
+            "index": ctx.catalog.index,
+            "services": len(ctx.catalog.services()),
+            "workloads": sum(health_counts.values()),
+            "health": health_counts,
+        },
+        "services": [service_json(ctx, s) for s in ctx.catalog.services()],
+    }
+    if ctx.extra_status:
+        out.update(ctx.extra_status())
+    return json_response(out, index=ctx.catalog.index)
+
+
+def make_app(ctx: ApiContext, max_body: int = 1024 * 1024) -> web.Application:
+    app = web.Application(middlewares=[boundary], client_max_size=max_body)
+    app[CTX] = ctx
+    app[MAX_BODY] = max_body
+    app.router.add_get("/v1/health", health)
+    app.router.add_get("/v1/workloads", list_workloads)
+    app.router.add_put("/v1/workloads/{id}", put_workload)
+    app.router.add_get("/v1/workloads/{id}", get_workload)
+    app.router.add_delete("/v1/workloads/{id}", delete_workload)
+    app.router.add_put("/v1/workloads/{id}/heartbeat", heartbeat)
+    app.router.add_get("/v1/services", list_services)
+    app.router.add_get("/v1/services/{namespace}/{name}", get_service)
+    app.router.add_get("/v1/status", status)
+    return app

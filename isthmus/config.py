@@ -1,0 +1,366 @@
+"""The appliance configuration (DESIGN §7): YAML in, typed immutable objects out.
+
+Every key has a default except `cluster` and `trust_domain`. A bad file is reported whole:
+one line per problem naming the key path, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import os
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
+
+from discovery.durations import parse_duration
+from discovery.names import LABEL_EXPECTED, is_label
+from discovery.schema import StaticWorkload, describe_errors
+
+DEFAULT_CONFIG_PATHS = ("/etc/isthmus/isthmus.yaml",)
+KNOWN_ROLES = ("control", "ingress", "egress", "dns", "agent")
+
+
+class ConfigError(Exception):
+    def __init__(self, problems: list[str], source: str = "config") -> None:
+        self.problems = problems
+        self.source = source
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+
+# --- field types -----------------------------------------------------------------------------
+
+
+def _label(value: object) -> object:
+    if not is_label(value):
+        raise ValueError(f"expected {LABEL_EXPECTED}")
+    return value
+
+
+def _dns_name(value: object) -> object:
+    if not isinstance(value, str) or len(value) > 253 or not all(
+        is_label(p) for p in value.split(".")
+    ):
+        raise ValueError("expected a DNS name of lowercase labels separated by '.'")
+    return value
+
+
+def _listen(value: object) -> str:
+    """`HOST:PORT` to listen on: an IP address (or `localhost`) and a port 0-65535."""
+    if not isinstance(value, str) or ":" not in value:
+        raise ValueError("expected IP:PORT, e.g. 127.0.0.1:15000 or [::1]:15000")
+    host, _, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not port.isdigit() or int(port) > 65535:
+        raise ValueError("expected IP:PORT with a port from 0 to 65535")
+    if host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError("expected IP:PORT where IP is an IPv4 or IPv6 address") from None
+    return value
+
+
+def _endpoint(value: object) -> str:
+    """`HOST:PORT` to connect to: an IP address or DNS name and a port 1-65535."""
+    if not isinstance(value, str) or ":" not in value:
+        raise ValueError("expected HOST:PORT")
+    host, _, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError("expected HOST:PORT with a port from 1 to 65535")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not all(is_label(p.lower()) for p in host.split(".")):
+            raise ValueError("expected HOST:PORT where HOST is an IP address or DNS name") from None
+    return value
+
+
+def _cidr(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected a CIDR such as 240.240.0.0/16")
+    try:
+        net = ipaddress.ip_network(value, strict=True)
+    except ValueError as e:
+        raise ValueError(f"expected a CIDR such as 240.240.0.0/16 ({e})") from None
+    if net.num_addresses < 4:
+        raise ValueError("expected a range of at least 4 addresses")
+    return value
+
+
+def _duration(value: object) -> float:
+    seconds = parse_duration(value)
+    if seconds < 0:
+        raise ValueError("expected a non-negative duration")
+    return seconds
+
+
+def _glob(value: str) -> str:
+    # A glob over `name.namespace`; reject what could never match a service.
+    if not value or any(c not in "abcdefghijklmnopqrstuvwxyz0123456789-.*?[]!" for c in value):
+        raise ValueError("expected a glob over NAME.NAMESPACE such as '*.default'")
+    fnmatch.translate(value)
+    return value
+
+
+Label = Annotated[StrictStr, BeforeValidator(_label)]
+DnsName = Annotated[StrictStr, BeforeValidator(_dns_name)]
+Listen = Annotated[StrictStr, BeforeValidator(_listen)]
+HostPort = Annotated[StrictStr, BeforeValidator(_endpoint)]
+Cidr = Annotated[StrictStr, BeforeValidator(_cidr)]
+Duration = Annotated[float, BeforeValidator(_duration)]
+ExportGlob = Annotated[StrictStr, AfterValidator(_glob)]
+PathStr = Annotated[StrictStr, Field(min_length=1)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LocalityConfig(_Section):
+    region: StrictStr = ""
+    zone: StrictStr = ""
+
+
+class TrustConfig(_Section):
+    bundle: PathStr = "/etc/isthmus/pki/bundle.pem"
+    ca_cert: PathStr = "/etc/isthmus/pki/cluster-ca.pem"
+    ca_key: PathStr = "/etc/isthmus/pki/cluster-ca.key"
+    cert: PathStr = "/etc/isthmus/pki/node.pem"
+    key: PathStr = "/etc/isthmus/pki/node.key"
+
+
+Scope = Literal["admin", "read", "workloads", "traffic", "tokens"]
+
+
+class ApiToken(_Section):
+    token_file: PathStr
+    scopes: list[Scope] = Field(min_length=1)
+
+
+class ApiConfig(_Section):
+    listen: Listen = "127.0.0.1:15000"
+    token_file: PathStr = "/etc/isthmus/api-token"
+    tokens: list[ApiToken] = []  # extra, narrower tokens (the token_file one is admin)
+    max_body: Annotated[StrictInt, Field(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
+
+
+class ControlConfig(_Section):
+    listen: Listen = "0.0.0.0:15012"
+
+
+class AgentConfig(_Section):
+    control: HostPort | None = None
+    bootstrap_token_file: PathStr = "/etc/isthmus/bootstrap-token"
+
+
+class MetricsConfig(_Section):
+    listen: Listen = "0.0.0.0:15090"
+    enabled: StrictBool = True
+
+
+class IngressConfig(_Section):
+    listen: Listen = "0.0.0.0:15443"
+    public_address: HostPort | None = None
+
+
+class EgressConfig(_Section):
+    vip_cidr: Cidr = "127.240.0.0/16"
+
+
+class DnsConfig(_Section):
+    listen: Listen = "0.0.0.0:53"
+    corefile: StrictStr | None = None
+
+
+class ConsulConfig(_Section):
+    address: StrictStr = "http://127.0.0.1:8500"
+    token_file: PathStr | None = None
+    datacenter: StrictStr | None = None
+
+
+class DiscoveryConfig(_Section):
+    backend: Literal["embedded", "consul"] = "embedded"
+    consul: ConsulConfig = ConsulConfig()
+    workloads: list[StaticWorkload] = []
+    max_concurrent_checks: Annotated[StrictInt, Field(ge=1, le=100000)] = 1024
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> DiscoveryConfig:
+        seen: set[str] = set()
+        for w in self.workloads:
+            if w.id in seen:
+                raise ValueError(f"workload id {w.id!r} appears more than once")
+            seen.add(w.id)
+        return self
+
+
+class PeerConfig(_Section):
+    cluster: Label
+    address: HostPort
+
+
+class FederationConfig(_Section):
+    peers: list[PeerConfig] = []
+    export: list[ExportGlob] = ["*.default"]
+
+
+class MonitorConfig(_Section):
+    enabled: StrictBool = False
+    listen: Listen = "127.0.0.1:20101"
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "json"
+
+
+class Config(_Section):
+    cluster: Label
+    trust_domain: DnsName
+    node: Label = Field(default_factory=lambda: _default_node())
+    locality: LocalityConfig = LocalityConfig()
+    roles: list[Literal["control", "ingress", "egress", "dns", "agent"]] = Field(
+        default=["control", "dns"], min_length=1
+    )
+    data_dir: PathStr = "/var/lib/isthmus"
+    trust: TrustConfig = TrustConfig()
+    api: ApiConfig = ApiConfig()
+    control: ControlConfig = ControlConfig()
+    agent: AgentConfig = AgentConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    ingress: IngressConfig = IngressConfig()
+    egress: EgressConfig = EgressConfig()
+    dns: DnsConfig = DnsConfig()
+    discovery: DiscoveryConfig = DiscoveryConfig()
+    federation: FederationConfig = FederationConfig()
+    monitor: MonitorConfig = MonitorConfig()
+    log: LogConfig = LogConfig()
+    workers: Annotated[StrictInt, Field(ge=1, le=256)] = 1
+    drain_timeout: Duration = 10.0
+
+    @model_validator(mode="after")
+    def _roles(self) -> Config:
+        if len(set(self.roles)) != len(self.roles):
+            raise ValueError(f"roles {self.roles}: each role may appear once")
+        if "agent" in self.roles and "control" in self.roles:
+            raise ValueError("roles: 'agent' (a VM) and 'control' cannot be combined")
+        return self
+
+
+def _default_node() -> str:
+    raw = socket.gethostname().split(".")[0].lower()
+    cleaned = "".join(c if c.isalnum() or c == "-" else "-" for c in raw).strip("-")[:63]
+    return cleaned if is_label(cleaned) else "node"
+
+
+# --- loading -------------------------------------------------------------------------------
+
+PATH_KEYS = (
+    ("data_dir",),
+    ("trust", "bundle"), ("trust", "ca_cert"), ("trust", "ca_key"),
+    ("trust", "cert"), ("trust", "key"),
+    ("api", "token_file"), ("agent", "bootstrap_token_file"),
+    ("discovery", "consul", "token_file"),
+)
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    """Relative paths in a config file are relative to the file, not to the working directory."""
+    for keys in PATH_KEYS:
+        node: Any = raw
+        for k in keys[:-1]:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(keys[-1]), str):
+            p = Path(os.path.expanduser(node[keys[-1]]))
+            node[keys[-1]] = str(p if p.is_absolute() else (base / p))
+    api = raw.get("api")
+    if isinstance(api, dict) and isinstance(api.get("tokens"), list):
+        for t in api["tokens"]:
+            if isinstance(t, dict) and isinstance(t.get("token_file"), str):
+                p = Path(os.path.expanduser(t["token_file"]))
+                t["token_file"] = str(p if p.is_absolute() else base / p)
+
+
+def validate(raw: object, source: str = "config") -> Config:
+    if not isinstance(raw, Mapping):
+        raise ConfigError([f"expected a mapping of keys at the top level, got {raw!r}"], source)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        problems = [f"{path}: {msg}" if path else msg for path, msg in describe_errors(e)]
+        raise ConfigError(problems, source) from None
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError([f"cannot read: {e.strerror}"], str(p)) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1} column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError([f"{where}invalid YAML: {problem}"], str(p)) from None
+    if raw is None:
+        raw = {}
+    if isinstance(raw, dict):
+        _resolve_paths(raw, p.resolve().parent)
+    return validate(raw, str(p))
+
+
+def state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local/state")
+    return Path(base) / "isthmus"
+
+
+def local_default(data_dir: str | None = None) -> Config:
+    """`isthmus run` with no config: one cluster `local` on loopback, state under the user's
+    state directory, every listener on 127.0.0.1."""
+    d = Path(data_dir) if data_dir else state_dir()
+    pki = d / "pki"
+    return validate(
+        {
+            "cluster": "local",
+            "trust_domain": "local.isthmus",
+            "node": _default_node(),
+            "data_dir": str(d),
+            "trust": {
+                "bundle": str(pki / "bundle.pem"),
+                "ca_cert": str(pki / "cluster-ca.pem"),
+                "ca_key": str(pki / "cluster-ca.key"),
+                "cert": str(pki / "node.pem"),
+                "key": str(pki / "node.key"),
+            },
+            "api": {"listen": "127.0.0.1:15000", "token_file": str(d / "api-token")},
+            "control": {"listen": "127.0.0.1:15012"},
+            "metrics": {"listen": "127.0.0.1:15090"},
+            "ingress": {"listen": "127.0.0.1:15443"},
+            "dns": {"listen": "127.0.0.1:15053"},
+        },
+        "built-in default",
+    )
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)

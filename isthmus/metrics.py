@@ -1,0 +1,55 @@
+"""Appliance metrics: API requests and catalog gauges, served with the rest of the registry."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+
+from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from discovery.catalog import Catalog
+from discovery.model import Health
+
+API_REQUESTS = Counter(
+    "isthmus_api_requests_total", "Control API requests", ["method", "route", "status"]
+)
+API_LATENCY = Histogram(
+    "isthmus_api_request_duration_seconds", "Control API request latency", ["method", "route"]
+)
+
+
+class CatalogCollector(Collector):
+    """Reads live catalogs at scrape time: nothing to keep in sync on the write path."""
+
+    def __init__(self) -> None:
+        self.catalogs: weakref.WeakSet[Catalog] = weakref.WeakSet()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        workloads = GaugeMetricFamily(
+            "isthmus_catalog_workloads",
+            "Registered workloads by health",
+            labels=["cluster", "health"],
+        )
+        services = GaugeMetricFamily(
+            "isthmus_catalog_services", "Services with at least one workload", labels=["cluster"]
+        )
+        index = GaugeMetricFamily(
+            "isthmus_catalog_index", "Catalog change index", labels=["cluster"]
+        )
+        for cat in list(self.catalogs):
+            counts = dict.fromkeys(Health, 0)
+            for st in cat.workloads():
+                counts[st.health] += 1
+            for h, n in counts.items():
+                workloads.add_metric([cat.cluster, h.value], n)
+            services.add_metric([cat.cluster], len(cat.services()))
+            index.add_metric([cat.cluster], cat.index)
+        yield workloads
+        yield services
+        yield index
+
+
+CATALOGS = CatalogCollector()
+REGISTRY.register(CATALOGS)
