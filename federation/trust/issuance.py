@@ -1,0 +1,328 @@
+"""Identity issuance over the control listener (`control.listen`, default 0.0.0.0:15012).
+
+`POST /v1/identity` with `{"csr": PEM, "node": NAME, "kind": "agent"|"gateway"}` signs the CSR
+for `spiffe://<td>/cluster/<this cluster>/<kind>/<node>`, authorized by either
+- `Authorization: Bearer <one-time bootstrap token>` (an agent's first identity), or
+- the caller's current, valid client certificate, which may only renew its own SPIFFE ID.
+It answers `{"spiffe_id", "certificate_chain": PEM, "bundle": PEM, "expires"}`. The private key
+never travels: the caller keeps it and sends only the CSR.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from prometheus_client import Counter
+
+from discovery.names import LABEL_EXPECTED, is_label
+from federation.trust.bundle import TrustBundle
+from federation.trust.ca import (
+    IDENTITY_LIFETIME,
+    CertificateAuthority,
+    Identity,
+    PrivateKey,
+    make_csr,
+    sign_csr,
+)
+from federation.trust.contexts import client_context
+from federation.trust.errors import (
+    CsrRejected,
+    IssuanceError,
+    PeerVerificationError,
+    PkiError,
+    TrustError,
+)
+from federation.trust.observe import record_failure
+from federation.trust.pemfiles import certs_pem
+from federation.trust.spiffe import Kind, SpiffeId
+from federation.trust.tokens import BootstrapTokens
+from federation.trust.verify import verify_chain, verify_peer
+
+log = logging.getLogger(__name__)
+
+ROUTE = "/v1/identity"
+MAX_BODY = 64 * 1024
+REQUEST_TIMEOUT = 10.0
+
+ISSUED = Counter(
+    "isthmus_identities_issued_total",
+    "Identities signed by this control node, by kind and how the caller authenticated",
+    ["cluster", "kind", "auth"],
+)
+
+
+@dataclass(frozen=True, slots=True)
+class IssueRequest:
+    csr: x509.CertificateSigningRequest
+    node: str
+    kind: Kind
+
+
+def parse_request(body: object) -> IssueRequest:
+    """Validate a request body; IssuanceError(422, field) names the first bad field."""
+    if not isinstance(body, dict):
+        raise IssuanceError("the body must be a JSON object", status=400)
+    node, kind, csr = body.get("node"), body.get("kind", "agent"), body.get("csr")
+    if not is_label(node):
+        raise IssuanceError(f"node must be {LABEL_EXPECTED}", status=422, field="node")
+    if kind not in {k.value for k in Kind}:
+        raise IssuanceError("kind must be 'agent' or 'gateway'", status=422, field="kind")
+    if not isinstance(csr, str):
+        raise IssuanceError("csr must be a PEM certificate request", status=422, field="csr")
+    try:
+        parsed = x509.load_pem_x509_csr(csr.encode("ascii"))
+    except (ValueError, UnicodeEncodeError):
+        raise IssuanceError(
+            "csr is not a PEM certificate request", status=422, field="csr"
+        ) from None
+    assert isinstance(node, str)
+    return IssueRequest(parsed, node, Kind(kind))
+
+
+class IdentityIssuer:
+    """The control node's issuing state: its cluster CA (swappable after a CA re-issue),
+    the current bundle and the bootstrap tokens."""
+
+    def __init__(
+        self,
+        authority: CertificateAuthority,
+        tokens: BootstrapTokens,
+        bundle: Callable[[], TrustBundle],
+        *,
+        lifetime: dt.timedelta = IDENTITY_LIFETIME,
+    ) -> None:
+        self.authority = authority
+        self.tokens = tokens
+        self.bundle = bundle
+        self.lifetime = lifetime
+
+    @property
+    def cluster_id(self) -> SpiffeId:
+        return self.authority.spiffe_id
+
+    def issue(
+        self, req: IssueRequest, *, token: str | None, peer: SpiffeId | None
+    ) -> tuple[SpiffeId, tuple[x509.Certificate, ...]]:
+        """Authorize and sign. Exactly one of `token` / `peer` is the caller's credential."""
+        ca_id = self.cluster_id
+        wanted = SpiffeId.for_node(ca_id.trust_domain, ca_id.cluster, req.kind, req.node)
+        if not req.csr.is_signature_valid:
+            raise IssuanceError("the CSR's signature does not verify", status=422, field="csr")
+        if token is not None:
+            if not self.tokens.consume(token):
+                raise IssuanceError("invalid, used or expired bootstrap token", status=401)
+            auth = "token"
+        elif peer is not None:
+            if peer != wanted:
+                raise IssuanceError(f"{peer} may only renew its own identity", status=403)
+            auth = "identity"
+        else:
+            raise IssuanceError("a bootstrap token or a client certificate is required", status=401)
+        try:
+            cert = sign_csr(self.authority, req.csr, wanted, lifetime=self.lifetime)
+        except CsrRejected as exc:
+            raise IssuanceError(str(exc), status=422, field="csr") from None
+        ISSUED.labels(cluster=ca_id.cluster, kind=req.kind.value, auth=auth).inc()
+        log.info(
+            "identity issued id=%s auth=%s serial=%x",
+            wanted,
+            auth,
+            cert.serial_number,
+            extra={"spiffe_id": str(wanted), "auth": auth, "serial": f"{cert.serial_number:x}"},
+        )
+        return wanted, (cert, self.authority.cert)
+
+
+def _error(status: int, message: str, field: str | None = None) -> web.Response:
+    body: dict[str, Any] = {"error": message}
+    if field is not None:
+        body["field"] = field
+    return web.json_response(body, status=status)
+
+
+def _bearer(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization")
+    if header is None:
+        return None
+    scheme, _, value = header.partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else ""
+
+
+def _peer_identity(request: web.Request, issuer: IdentityIssuer) -> SpiffeId | None:
+    transport = request.transport
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    if ssl_object is None or not ssl_object.getpeercert(binary_form=True):
+        return None
+    ca_id = issuer.cluster_id
+    try:
+        return verify_peer(
+            ssl_object, issuer.bundle(), ca_id.trust_domain, expected_cluster=ca_id.cluster
+        )
+    except PeerVerificationError as err:
+        peer = request.remote
+        record_failure(err, side="server", peer=peer)
+        raise IssuanceError(f"client certificate refused: {err.reason}", status=403) from None
+
+
+def issuance_routes(issuer: IdentityIssuer) -> list[web.RouteDef]:
+    async def post_identity(request: web.Request) -> web.Response:
+        token = _bearer(request)
+        try:
+            peer = _peer_identity(request, issuer)
+            if token is None and peer is None:
+                raise IssuanceError(
+                    "a bootstrap token or a client certificate is required", status=401
+                )
+            if token == "":
+                raise IssuanceError("Authorization must be 'Bearer <token>'", status=401)
+            try:
+                body = await request.json()
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise IssuanceError("the body is not JSON", status=400) from None
+            req = parse_request(body)
+            sid, chain = issuer.issue(req, token=token, peer=None if token else peer)
+        except web.HTTPRequestEntityTooLarge:
+            return _error(413, f"the body exceeds {MAX_BODY} bytes")
+        except IssuanceError as exc:
+            return _error(exc.status or 500, str(exc), exc.field)
+        return web.json_response(
+            {
+                "spiffe_id": str(sid),
+                "certificate_chain": certs_pem(chain).decode("ascii"),
+                "bundle": issuer.bundle().to_pem().decode("ascii"),
+                "expires": chain[0].not_valid_after_utc.isoformat(),
+            }
+        )
+
+    return [web.post(ROUTE, post_identity)]
+
+
+def issuance_app(issuer: IdentityIssuer) -> web.Application:
+    """The app for the control listener; serve it with
+    `credentials.listener_context(require_client_cert=False)` so agents can bootstrap."""
+    app = web.Application(client_max_size=MAX_BODY)
+    app.add_routes(issuance_routes(issuer))
+    return app
+
+
+# --- client side -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedIdentity:
+    identity: Identity
+    bundle: TrustBundle
+
+
+async def request_identity(
+    control_addr: str,
+    node: str,
+    kind: Kind | str,
+    key: PrivateKey,
+    *,
+    bundle: TrustBundle,
+    bootstrap_token: str | None = None,
+    identity: Identity | None = None,
+    trust_domain: str | None = None,
+    cluster: str | None = None,
+    timeout: float = REQUEST_TIMEOUT,
+) -> IssuedIdentity:
+    """Ask the cluster's control node (`host:port`) to sign a CSR for `key`.
+
+    Authenticate with `bootstrap_token` (then `trust_domain` and `cluster` say where) or with
+    the current `identity` (mTLS). The control node must prove it belongs to that cluster.
+    Raises IssuanceError (with the server's status and field) or a TrustError.
+    """
+    if identity is not None:
+        trust_domain, cluster = identity.spiffe_id.trust_domain, identity.spiffe_id.cluster
+    if bootstrap_token is None and identity is None:
+        raise ValueError("request_identity needs a bootstrap token or a current identity")
+    if trust_domain is None or cluster is None:
+        raise ValueError("bootstrapping needs the trust domain and the cluster")
+    wanted = SpiffeId.for_node(trust_domain, cluster, kind, node)
+    csr = make_csr(key, wanted)
+    body = {
+        "csr": csr.public_bytes(serialization.Encoding.PEM).decode("ascii"),
+        "node": node,
+        "kind": wanted.kind.value if wanted.kind else "agent",
+    }
+    headers = {}
+    if bootstrap_token is not None and identity is None:
+        headers["Authorization"] = f"Bearer {bootstrap_token}"
+    ctx = client_context(identity, bundle)
+    url = f"https://{control_addr}{ROUTE}"
+    try:
+        async with (
+            aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=ctx),
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as session,
+            session.post(url, json=body, headers=headers) as resp,
+        ):
+            _verify_control_node(resp, bundle, trust_domain, cluster, control_addr)
+            try:
+                payload = await resp.json(content_type=None)
+            except (json.JSONDecodeError, aiohttp.ContentTypeError, UnicodeDecodeError):
+                raise IssuanceError(
+                    f"{control_addr} answered {resp.status} without JSON", status=resp.status
+                ) from None
+            status = resp.status
+    except (aiohttp.ClientConnectionError, ssl.SSLError, TimeoutError) as exc:
+        raise IssuanceError(f"cannot reach control node {control_addr}: {exc}") from None
+    if status != 200 or not isinstance(payload, dict):
+        msg = payload.get("error") if isinstance(payload, dict) else None
+        field = payload.get("field") if isinstance(payload, dict) else None
+        raise IssuanceError(
+            f"{control_addr} refused the identity request ({status}): {msg}",
+            status=status,
+            field=field,
+        )
+    return _accept_response(payload, key, wanted, control_addr)
+
+
+def _verify_control_node(
+    resp: aiohttp.ClientResponse,
+    bundle: TrustBundle,
+    trust_domain: str,
+    cluster: str,
+    control_addr: str,
+) -> None:
+    conn = resp.connection
+    ssl_object = conn.transport.get_extra_info("ssl_object") if conn and conn.transport else None
+    if ssl_object is None:
+        raise IssuanceError(f"{control_addr}: no TLS session to verify")
+    try:
+        verify_peer(ssl_object, bundle, trust_domain, expected_cluster=cluster)
+    except PeerVerificationError as err:
+        record_failure(err, side="client", peer=control_addr)
+        raise
+
+
+def _accept_response(
+    payload: dict[str, Any], key: PrivateKey, wanted: SpiffeId, control_addr: str
+) -> IssuedIdentity:
+    """Check what came back before trusting it: our key, our ID, a chain the bundle accepts."""
+    try:
+        chain = tuple(x509.load_pem_x509_certificates(str(payload["certificate_chain"]).encode()))
+        new_bundle = TrustBundle.from_pem(str(payload["bundle"]).encode())
+        identity = Identity(key, chain)
+        sid = verify_chain(chain, new_bundle, wanted.trust_domain, expected_cluster=wanted.cluster)
+    except (KeyError, ValueError, PkiError) as exc:
+        raise IssuanceError(f"{control_addr} sent an unusable identity: {exc}") from None
+    except TrustError as exc:
+        raise IssuanceError(
+            f"{control_addr} sent an identity that does not verify: {exc}"
+        ) from None
+    if sid != wanted:
+        raise IssuanceError(f"{control_addr} issued {sid}, not {wanted}")
+    return IssuedIdentity(identity, new_bundle)
