@@ -7,6 +7,7 @@ at 10,000 probes a second the per-request cost of a full client session shows.
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -28,6 +29,10 @@ def _tls() -> ssl.SSLContext:
     return _TLS
 
 
+def _reason(e: OSError) -> str:
+    return os.strerror(e.errno) if e.errno else str(e)
+
+
 def split_host_port(target: str) -> tuple[str, int]:
     host, _, port = target.rpartition(":")
     return host.strip("[]"), int(port)
@@ -41,7 +46,7 @@ async def probe_tcp(target: str, timeout: float) -> ProbeResult:
     except TimeoutError:
         return ProbeResult(False, f"TCP connect to {target}: timed out after {timeout:g}s")
     except OSError as e:
-        return ProbeResult(False, f"TCP connect to {target}: {e.strerror or e}")
+        return ProbeResult(False, f"TCP connect to {target}: {_reason(e)}")
     writer.close()
     return ProbeResult(True, f"TCP connect to {target}: ok")
 
@@ -73,7 +78,7 @@ async def probe_http(url: str, timeout: float) -> ProbeResult:
     except ssl.SSLError as e:
         return ProbeResult(False, f"GET {url}: TLS error: {e.reason or e}")
     except OSError as e:
-        return ProbeResult(False, f"GET {url}: {e.strerror or e}")
+        return ProbeResult(False, f"GET {url}: {_reason(e)}")
     finally:
         if writer is not None:
             writer.close()
