@@ -1,0 +1,182 @@
+"""Data-plane metrics (issue 4 §6), defined once on the default registry.
+
+Every flow metric carries `gateway` (ingress or egress: one test process may host both ends of
+a connection), `source_cluster`, `destination_service`, `destination_cluster`; counts of
+finished things add `outcome`. "Sent" and "received" are seen from the gateway toward the
+destination: sent = client to destination, received = destination to client.
+
+Label lookups cost a dict walk and a lock each; `Flow` caches the labelled children of one
+(gateway, source, service, destination) so the hot path touches only prebuilt children.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+from prometheus_client import Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from gateway.balancer import Choice
+
+__all__ = [
+    "ACTIVE_CONNECTIONS",
+    "BYTES_RECEIVED",
+    "BYTES_SENT",
+    "CONNECTIONS",
+    "EJECTIONS",
+    "REJECTIONS",
+    "REQUESTS",
+    "REQUEST_DURATION",
+    "Flow",
+    "GatewayKind",
+    "Outcome",
+    "ejection_listener",
+    "flow",
+    "record_ejection",
+    "record_rejection",
+]
+
+_FLOW = ("gateway", "source_cluster", "destination_service", "destination_cluster")
+
+
+class GatewayKind(enum.StrEnum):
+    INGRESS = "ingress"
+    EGRESS = "egress"
+
+
+class Outcome(enum.StrEnum):
+    """How a connection or request ended; the values are metric labels."""
+
+    OK = "ok"
+    CONNECT_ERROR = "connect_error"  # the destination refused or reset
+    CONNECT_TIMEOUT = "connect_timeout"
+    HANDSHAKE_ERROR = "handshake_error"
+    HANDSHAKE_TIMEOUT = "handshake_timeout"
+    IDLE_TIMEOUT = "idle_timeout"
+    RESET = "reset"  # broke after bytes moved
+    NO_HEALTHY_DESTINATION = "no_healthy_destination"
+    REFUSED = "refused"  # policy: unknown or unexported service, peer not allowed
+    HTTP_5XX = "5xx"
+    HTTP_4XX = "4xx"
+    DRAINED = "drained"  # closed by a graceful shutdown
+
+
+REQUESTS = Counter(
+    "isthmus_requests_total",
+    "HTTP requests handled at L7, by outcome",
+    [*_FLOW, "outcome"],
+)
+CONNECTIONS = Counter(
+    "isthmus_connections_total",
+    "Connections handled (finished), by outcome",
+    [*_FLOW, "outcome"],
+)
+REQUEST_DURATION = Histogram(
+    "isthmus_request_duration_seconds",
+    "Duration of L7 requests, and of L4 connections, from accept to close",
+    [*_FLOW, "outcome"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+BYTES_SENT = Counter(
+    "isthmus_bytes_sent_total", "Bytes relayed from clients toward destinations", _FLOW
+)
+BYTES_RECEIVED = Counter(
+    "isthmus_bytes_received_total", "Bytes relayed from destinations back to clients", _FLOW
+)
+ACTIVE_CONNECTIONS = Gauge("isthmus_active_connections", "Connections open now", _FLOW)
+EJECTIONS = Counter(
+    "isthmus_ejections_total",
+    "Outlier ejections of local endpoints or remote cluster gateways",
+    ["source_cluster", "destination_service", "destination_cluster", "target_kind"],
+)
+REJECTIONS = Counter(
+    "isthmus_rejections_total",
+    "Connections refused before routing (bad ClientHello, unknown SNI, limits), by reason",
+    ["gateway", "cluster", "reason"],
+)
+
+
+@dataclass(slots=True)
+class Flow:
+    """Prebuilt metric children of one (gateway, source, service, destination)."""
+
+    labels: tuple[str, str, str, str]
+    active: Gauge = field(init=False)
+    sent: Counter = field(init=False)
+    received: Counter = field(init=False)
+    _finished: dict[str, tuple[Counter, Counter, Histogram]] = field(
+        init=False, default_factory=dict
+    )
+
+    def __post_init__(self) -> None:
+        self.active = ACTIVE_CONNECTIONS.labels(*self.labels)
+        self.sent = BYTES_SENT.labels(*self.labels)
+        self.received = BYTES_RECEIVED.labels(*self.labels)
+
+    def _by_outcome(self, outcome: str) -> tuple[Counter, Counter, Histogram]:
+        children = self._finished.get(outcome)
+        if children is None:
+            children = (
+                CONNECTIONS.labels(*self.labels, outcome),
+                REQUESTS.labels(*self.labels, outcome),
+                REQUEST_DURATION.labels(*self.labels, outcome),
+            )
+            self._finished[outcome] = children
+        return children
+
+    def connection_opened(self) -> None:
+        self.active.inc()
+
+    def connection_closed(
+        self, outcome: Outcome | str, duration: float, sent: int, received: int
+    ) -> None:
+        """One L4 connection ended (it was counted as opened before)."""
+        connections, _, durations = self._by_outcome(str(outcome))
+        self.active.dec()
+        connections.inc()
+        durations.observe(duration)
+        if sent:
+            self.sent.inc(sent)
+        if received:
+            self.received.inc(received)
+
+    def connection_failed(self, outcome: Outcome | str, duration: float) -> None:
+        """A connection that never opened (refused, no destination): counted, not active."""
+        connections, _, durations = self._by_outcome(str(outcome))
+        connections.inc()
+        durations.observe(duration)
+
+    def request(self, outcome: Outcome | str, duration: float) -> None:
+        """One L7 request ended."""
+        _, requests, durations = self._by_outcome(str(outcome))
+        requests.inc()
+        durations.observe(duration)
+
+
+@lru_cache(maxsize=4096)
+def flow(gateway: GatewayKind, source: str, service: str, destination: str) -> Flow:
+    """The shared `Flow` for these labels (bounded cache: label sets follow the catalog)."""
+    return Flow((gateway.value, source, service, destination))
+
+
+def record_ejection(source: str, service: str, destination: str, target_kind: str) -> None:
+    EJECTIONS.labels(source, service, destination, target_kind).inc()
+
+
+def record_rejection(gateway: GatewayKind, cluster: str, reason: str) -> None:
+    REJECTIONS.labels(gateway.value, cluster, reason).inc()
+
+
+def ejection_listener(source_cluster: str) -> Callable[[Choice, float], None]:
+    """A `Balancer(on_eject=...)` hook that counts ejections for this cluster's gateway."""
+
+    def on_eject(choice: Choice, duration: float) -> None:
+        record_ejection(
+            source_cluster, str(choice.route.service), choice.cluster, choice.target.kind.value
+        )
+
+    return on_eject
