@@ -183,7 +183,7 @@ def blocking_params(request: web.Request) -> tuple[int | None, float]:
     try:
         wait = parse_duration(request.query.get("wait", "60s"))
     except ValueError as e:
-        raise ApiError(400, f"wait: {e}", "wait") from None
+        raise ApiError(400, f"wait {request.query['wait']!r}: {e}", "wait") from None
     return int(index_s), min(wait, MAX_WAIT)
 
 

@@ -1,0 +1,176 @@
+"""Configuration: defaults, every problem reported with its path, YAML positions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from isthmus import config as configmod
+from isthmus.config import Config, ConfigError
+
+
+def test_minimal_config_has_defaults_for_everything(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("cluster: east\ntrust_domain: mesh.example.org\n")
+    cfg = configmod.load(p)
+    assert cfg.api.listen == "127.0.0.1:15000"
+    assert cfg.monitor.listen.startswith("127.0.0.1:") and not cfg.monitor.enabled
+    assert cfg.egress.vip_cidr == "127.240.0.0/16"
+    assert cfg.discovery.backend == "embedded"
+    assert cfg.drain_timeout == 10.0
+
+
+def test_the_design_example_is_valid(tmp_path: Path) -> None:
+    design = Path(__file__).resolve().parents[3] / "shared" / "DESIGN.md"
+    if not design.exists():
+        pytest.skip("shared/DESIGN.md is not beside this checkout")
+    text = design.read_text()
+    block = text.split("### Configuration", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    raw = yaml.safe_load(block)
+    cfg = configmod.validate(raw)
+    assert cfg.federation.peers[0].cluster == "west"
+    assert cfg.dns.corefile and "forward" in cfg.dns.corefile
+
+
+def test_cluster_and_trust_domain_are_required() -> None:
+    with pytest.raises(ConfigError) as e:
+        configmod.validate({})
+    assert e.value.problems == [
+        "cluster: required field is missing",
+        "trust_domain: required field is missing",
+    ]
+
+
+def test_every_problem_is_reported_with_path_value_and_expectation() -> None:
+    with pytest.raises(ConfigError) as e:
+        configmod.validate(
+            {
+                "cluster": "East",
+                "trust_domain": "mesh.example.org",
+                "api": {"listen": "127.0.0.1:99999", "colour": "red"},
+                "egress": {"vip_cidr": "10.0.0.1/8"},
+                "drain_timeout": "soon",
+                "roles": ["control", "pilot"],
+                "federation": {"peers": [{"cluster": "west", "address": "nowhere"}]},
+                "discovery": {
+                    "workloads": [
+                        {"id": "a", "service": "x", "address": "1.2.3.4", "ports": {"http": 0}}
+                    ]
+                },
+            }
+        )
+    text = "\n".join(e.value.problems)
+    for needle in [
+        "cluster: expected a DNS label",
+        "(got 'East')",
+        "api.listen: expected IP:PORT with a port from 0 to 65535 (got '127.0.0.1:99999')",
+        "api.colour: unknown field",
+        "egress.vip_cidr: expected a CIDR",
+        "drain_timeout: expected a duration",
+        "roles.1:",
+        "federation.peers.0.address: expected HOST:PORT",
+        "discovery.workloads.0.ports.http",
+    ]:
+        assert needle in text, (needle, text)
+    assert len(e.value.problems) == 8
+
+
+def test_role_combinations() -> None:
+    with pytest.raises(ConfigError, match="cannot be combined"):
+        configmod.validate({"cluster": "a", "trust_domain": "t", "roles": ["agent", "control"]})
+    with pytest.raises(ConfigError, match="once"):
+        configmod.validate({"cluster": "a", "trust_domain": "t", "roles": ["dns", "dns"]})
+
+
+def test_duplicate_static_workload_ids() -> None:
+    w = {"id": "a", "service": "x", "address": "1.2.3.4", "ports": {"http": 1}}
+    with pytest.raises(ConfigError, match="appears more than once"):
+        configmod.validate(
+            {"cluster": "a", "trust_domain": "t", "discovery": {"workloads": [w, w]}}
+        )
+
+
+def test_yaml_errors_name_line_and_column(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("cluster: east\napi: {listen: [\n")
+    with pytest.raises(ConfigError) as e:
+        configmod.load(p)
+    assert e.value.source == str(p)
+    assert "line 3 column 1" in e.value.problems[0]
+
+
+def test_non_mapping_and_missing_file(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        configmod.load(p)
+    with pytest.raises(ConfigError, match="cannot read"):
+        configmod.load(tmp_path / "missing.yaml")
+
+
+def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    p = tmp_path / "etc" / "c.yaml"
+    p.write_text("cluster: a\ntrust_domain: t\ndata_dir: ../state\ntrust: {bundle: pki/b.pem}\n")
+    cfg = configmod.load(p)
+    assert cfg.data_dir == str(tmp_path / "etc" / ".." / "state")
+    assert cfg.trust.bundle == str(tmp_path / "etc" / "pki" / "b.pem")
+
+
+def test_config_objects_are_immutable() -> None:
+    cfg = configmod.local_default("/tmp/x")
+    with pytest.raises(ValueError):
+        cfg.cluster = "other"  # type: ignore[misc]
+
+
+def test_local_default_listens_on_loopback_only() -> None:
+    cfg = configmod.local_default("/tmp/x")
+    for listen in (
+        cfg.api.listen,
+        cfg.metrics.listen,
+        cfg.control.listen,
+        cfg.dns.listen,
+        cfg.ingress.listen,
+        cfg.monitor.listen,
+    ):
+        assert listen.startswith("127.0.0.1:")
+
+
+yaml_scalars = (
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=15)
+)
+yaml_values = st.recursive(
+    yaml_scalars,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=10,
+)
+section_keys = st.sampled_from([*Config.model_fields, "bogus"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(section_keys, yaml_values, max_size=6))
+def test_property_any_mapping_is_a_config_or_a_clear_error(raw: dict) -> None:
+    try:
+        cfg = configmod.validate(raw)
+    except ConfigError as e:
+        assert e.problems
+        assert all(isinstance(p, str) and p for p in e.problems)
+    else:
+        assert isinstance(cfg, Config)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200))
+def test_property_any_text_file_loads_or_fails_cleanly(tmp_path_factory, text: str) -> None:
+    p = tmp_path_factory.mktemp("cfg") / "c.yaml"
+    p.write_text(text)
+    try:
+        configmod.load(p)
+    except ConfigError as e:
+        assert e.problems
