@@ -138,8 +138,11 @@ def _window(
 ) -> tuple[dt.datetime, dt.datetime]:
     if lifetime <= dt.timedelta(0):
         raise PkiError(f"certificate lifetime must be positive, got {lifetime}")
-    start = (now or utcnow()) - CLOCK_SKEW
-    end = start + CLOCK_SKEW + lifetime
+    now = now or utcnow()
+    # Short-lived certificates get a proportionally short backdate, or half-life would pass
+    # the moment they are issued.
+    start = now - min(CLOCK_SKEW, lifetime / 10)
+    end = now + lifetime
     if issuer is not None:
         # Never outlive the issuer: a chain is only as valid as its shortest link.
         start = max(start, issuer.not_valid_before_utc)

@@ -48,9 +48,13 @@ def _build(number: int, identity: Identity, bundle: TrustBundle) -> _Generation:
 class TlsCredentials:
     """The node's current identity and trust bundle. Thread-safe; swaps are atomic."""
 
-    def __init__(self, identity: Identity, bundle: TrustBundle) -> None:
+    def __init__(
+        self, identity: Identity, bundle: TrustBundle, *, trust_domain: str | None = None
+    ) -> None:
         self._lock = threading.Lock()
         self._gen = _build(1, identity, bundle)
+        # The domain peers must belong to; the node's own identity says it unless given.
+        self._trust_domain = trust_domain or identity.spiffe_id.trust_domain
 
     @property
     def identity(self) -> Identity:
@@ -66,7 +70,7 @@ class TlsCredentials:
 
     @property
     def trust_domain(self) -> str:
-        return self.spiffe_id.trust_domain
+        return self._trust_domain
 
     @property
     def generation(self) -> int:
