@@ -237,7 +237,7 @@ class Config(_Section):
     node: Label = Field(default_factory=lambda: _default_node())
     locality: LocalityConfig = LocalityConfig()
     roles: list[Literal["control", "ingress", "egress", "dns", "agent"]] = Field(
-        default=["control", "dns"], min_length=1
+        default=["control"], min_length=1
     )
     data_dir: PathStr = "/var/lib/isthmus"
     trust: TrustConfig = TrustConfig()
