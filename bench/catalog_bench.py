@@ -1,0 +1,280 @@
+"""Catalog benchmarks (issue 2): registration rate, 100,000-workload catalog, health-check CPU.
+
+Runs the real appliance (`isthmus run`) as a subprocess on loopback and measures it from the
+outside:
+  1. registrations per second through the API (concurrent clients, keep-alive);
+  2. a catalog of N workloads over N/10 services: RSS, restart time, latency of
+     GET /v1/services;
+  3. CPU of health checking every workload (TCP checks, 10 s interval) on one core.
+
+    python3 bench/catalog_bench.py --workloads 100000 --check-seconds 30
+
+Prints a Markdown table for BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import aiohttp
+import yaml
+
+HOST = "127.88.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class Appliance:
+    def __init__(self, tmp: Path, max_checks: int) -> None:
+        self.port = free_port()
+        self.raw = {
+            "cluster": "bench",
+            "trust_domain": "bench.example",
+            "roles": ["control"],
+            "data_dir": str(tmp / "data"),
+            "api": {"listen": f"{HOST}:{self.port}", "token_file": str(tmp / "token")},
+            "metrics": {"enabled": False},
+            "log": {"level": "warning"},
+            "discovery": {"max_concurrent_checks": max_checks},
+        }
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.cfg = tmp / "c.yaml"
+        self.cfg.write_text(yaml.safe_dump(self.raw))
+        self.tmp = tmp
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> float:
+        t0 = time.perf_counter()
+        with open(self.tmp / "log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "isthmus.cli", "run", "--config", str(self.cfg)],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
+        while True:
+            assert self.proc.poll() is None, (self.tmp / "log").read_text()
+            try:
+                with socket.create_connection((HOST, self.port), 0.1):
+                    return time.perf_counter() - t0
+            except OSError:
+                time.sleep(0.01)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(60)
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def token(self) -> str:
+        return (self.tmp / "token").read_text().strip()
+
+
+async def register(app: Appliance, n: int, concurrency: int, check: dict | None) -> float:
+    headers = {"Authorization": f"Bearer {app.token}"}
+    ids = iter(range(n))
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        for i in ids:
+            body = {
+                "service": f"svc{i % max(1, n // 10)}",
+                "address": f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}",
+                "ports": {"http": 8080},
+                "labels": {"version": "v1"},
+                "locality": {"region": "r1", "zone": "z1"},
+            }
+            if check:
+                body["check"] = check
+            async with session.put(f"{app.url}/v1/workloads/w{i}", json=body, headers=headers) as r:
+                assert r.status in (200, 201), await r.text()
+
+    t0 = time.perf_counter()
+    conn = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=conn) as session:
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+    return n / (time.perf_counter() - t0)
+
+
+async def services_latency(app: Appliance, rounds: int) -> tuple[float, float]:
+    headers = {"Authorization": f"Bearer {app.token}"}
+    times = []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            async with session.get(f"{app.url}/v1/services", headers=headers) as r:
+                await r.read()
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    return statistics.median(times) * 1000, times[int(len(times) * 0.99) - 1] * 1000
+
+
+def accept_forever(sock: socket.socket, stop: threading.Event) -> None:
+    sock.settimeout(0.5)
+    while not stop.is_set():
+        try:
+            c, _ = sock.accept()
+            c.close()
+        except TimeoutError:
+            continue
+        except OSError:
+            return
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workloads", type=int, default=100_000)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--check-seconds", type=float, default=30.0)
+    ap.add_argument("--check-interval", default="10s")
+    args = ap.parse_args()
+    rows: list[tuple[str, str]] = []
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        # 1 + 2: registration rate and the big catalog (no checks: passing)
+        app = Appliance(tmp / "a", 2048)
+        app.start()
+        try:
+            rate = await register(app, args.workloads, args.concurrency, None)
+            rows.append(
+                (
+                    "registrations/s through the API "
+                    f"({args.concurrency} clients, {args.workloads:,} workloads)",
+                    f"{rate:,.0f}",
+                )
+            )
+            assert app.proc
+            rows.append(
+                (
+                    f"RSS with {args.workloads:,} workloads / {args.workloads // 10:,} services",
+                    f"{rss_mb(app.proc.pid):.0f} MB",
+                )
+            )
+            p50, p99 = await services_latency(app, 30)
+            rows.append(("GET /v1/services latency p50 / p99", f"{p50:.1f} / {p99:.1f} ms"))
+        finally:
+            app.stop()
+        startup = app.start()
+        try:
+            assert app.proc
+            rows.append(
+                (
+                    f"start-up with {args.workloads:,} workloads (to API listening)",
+                    f"{startup:.2f} s",
+                )
+            )
+            rows.append(("RSS after restart", f"{rss_mb(app.proc.pid):.0f} MB"))
+        finally:
+            app.stop()
+
+        # 3: health-check CPU. Targets: listeners that accept and close, in threads of this
+        # process (a tight accept loop in C costs little beside the appliance).
+        sockets, stop = [], threading.Event()
+        for _ in range(4):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.88.0.2", 0))
+            s.listen(4096)
+            sockets.append(s)
+            threading.Thread(target=accept_forever, args=(s, stop), daemon=True).start()
+        app2 = Appliance(tmp / "b", 2048)
+        app2.start()
+        try:
+            await register(app2, args.workloads, args.concurrency, None)
+            # give each workload a TCP check (re-registration): the checker spreads first checks
+            port_of = [s.getsockname()[1] for s in sockets]
+            headers = {"Authorization": f"Bearer {app2.token}"}
+            ids = iter(range(args.workloads))
+
+            async def worker(session: aiohttp.ClientSession) -> None:
+                for i in ids:
+                    body = {
+                        "service": f"svc{i % max(1, args.workloads // 10)}",
+                        "address": "127.88.0.2",
+                        "ports": {"tcp": port_of[i % 4]},
+                        "check": {
+                            "tcp": f"127.88.0.2:{port_of[i % 4]}",
+                            "interval": args.check_interval,
+                            "timeout": "2s",
+                        },
+                    }
+                    async with session.put(
+                        f"{app2.url}/v1/workloads/w{i}", json=body, headers=headers
+                    ) as r:
+                        assert r.status in (200, 201)
+
+            async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=args.concurrency)
+            ) as session:
+                await asyncio.gather(*(worker(session) for _ in range(args.concurrency)))
+            app2.stop()
+            app2.start()  # restart: first checks spread over the interval from a cold start
+            assert app2.proc
+            await asyncio.sleep(12)  # one interval plus warm-up
+            c0, t0 = cpu_seconds(app2.proc.pid), time.perf_counter()
+            await asyncio.sleep(args.check_seconds)
+            c1, t1 = cpu_seconds(app2.proc.pid), time.perf_counter()
+            cpu = (c1 - c0) / (t1 - t0)
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(
+                    f"{app2.url}/v1/status", headers={"Authorization": f"Bearer {app2.token}"}
+                ) as r,
+            ):
+                st = await r.json()
+            rows.append(
+                (
+                    f"CPU checking {args.workloads:,} workloads (TCP, {args.check_interval})",
+                    f"{cpu * 100:.0f} % of one core",
+                )
+            )
+            rows.append(
+                (
+                    "health after the run (passing/critical/unknown)",
+                    "/".join(
+                        str(st["catalog"]["health"][k]) for k in ("passing", "critical", "unknown")
+                    ),
+                )
+            )
+            rows.append(("RSS with checks running", f"{rss_mb(app2.proc.pid):.0f} MB"))
+        finally:
+            stop.set()
+            app2.stop()
+            for s in sockets:
+                s.close()
+    print("| measure | value |\n|---|---|")
+    for k, v in rows:
+        print(f"| {k} | {v} |")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
