@@ -1,0 +1,216 @@
+"""The asyncio shell: UDP and TCP listeners on one port, and the writers replies go through.
+
+All protocol decisions are made elsewhere (dns.wire, the plugins); this module only moves
+bytes, enforces the transport limits (UDP size and TC, TCP framing, idle timeouts, connection
+and pipelining caps, write backpressure) and never lets an exception escape a callback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+
+from dns.errors import DnsError
+from dns.plugin import CLIENT_ERRORS, Handler, write_error
+from dns.wire import REFUSED, SERVFAIL, QueryError, Request, parse_query, truncate
+
+log = logging.getLogger(__name__)
+
+TCP_IDLE_TIMEOUT = 10.0  # RFC 7766 suggests seconds, not minutes, for idle connections
+TCP_MAX_CONNECTIONS = 1000
+TCP_MAX_PIPELINE = 64  # queries in flight per connection before we stop reading
+TCP_MAX_WRITE_BUFFER = 1 << 20
+
+
+class ListenError(DnsError):
+    pass
+
+
+class Mux:
+    """Routes a query to the server block with the longest matching zone."""
+
+    def __init__(self, zones: dict[bytes, Handler], server: str) -> None:
+        self.zones = zones
+        self.server = server
+        self.root = zones.get(b"\x00")
+        self.malformed = 0
+
+    def serve(self, req: Request, w: UdpWriter | TcpWriter) -> None:
+        q = req.qlower
+        zones = self.zones
+        handler = None
+        for off in req.labels:
+            handler = zones.get(q[off:])
+            if handler is not None:
+                req.zone = q[off:]
+                break
+        else:
+            handler = self.root
+        req.server = self.server
+        if handler is None:
+            write_error(req, w, REFUSED)
+            return
+        try:
+            rc = handler.serve(req, w)
+        except Exception:  # a plugin bug must cost one query, never the server
+            log.exception(
+                "dns plugin chain failed", extra={"server": self.server, "qname": req.name}
+            )
+            rc = SERVFAIL
+        if rc in CLIENT_ERRORS:
+            write_error(req, w, rc)
+
+
+class UdpWriter:
+    __slots__ = ("addr", "req", "transport")
+
+    def __init__(self, transport: asyncio.DatagramTransport, addr: object, req: Request) -> None:
+        self.transport = transport
+        self.addr = addr
+        self.req = req
+
+    def write(self, reply: bytes) -> None:
+        if len(reply) > self.req.max_size:
+            reply = truncate(reply, self.req)
+        if not self.transport.is_closing():
+            self.transport.sendto(reply, self.addr)
+
+
+class UdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, mux: Mux) -> None:
+        self.mux = mux
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            req = parse_query(data, "udp", addr)
+        except QueryError as e:
+            self.mux.malformed += 1
+            if e.reply is not None and self.transport is not None:
+                self.transport.sendto(e.reply, addr)
+            return
+        except Exception:
+            log.exception("dns udp parse failed", extra={"client": str(addr)})
+            return
+        self.mux.serve(req, UdpWriter(self.transport, addr, req))  # type: ignore[arg-type]
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors for earlier replies (client gone); nothing to do for a stateless server.
+        log.debug("dns udp error", extra={"error": str(exc)})
+
+
+class TcpWriter:
+    __slots__ = ("conn", "req")
+
+    def __init__(self, conn: TcpConnection, req: Request) -> None:
+        self.conn = conn
+        self.req = req
+
+    def write(self, reply: bytes) -> None:
+        self.conn.reply(reply)
+
+
+class TcpConnection:
+    """One client connection: length-prefixed queries, answered in whatever order they finish."""
+
+    def __init__(self, mux: Mux, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.mux = mux
+        self.reader = reader
+        self.writer = writer
+        self.inflight = 0
+        self.drained = asyncio.Event()
+        self.drained.set()
+        peer = writer.get_extra_info("peername")
+        self.peer = (peer[0], peer[1]) if isinstance(peer, tuple) else None
+
+    def reply(self, data: bytes) -> None:
+        self.inflight -= 1
+        if self.inflight < TCP_MAX_PIPELINE:
+            self.drained.set()
+        transport = self.writer.transport
+        if transport.is_closing():
+            return
+        if transport.get_write_buffer_size() > TCP_MAX_WRITE_BUFFER:
+            transport.abort()  # the client does not read its answers: cut it off
+            return
+        self.writer.write(struct.pack(">H", len(data)) + data)
+
+    async def run(self) -> None:
+        while True:
+            head = await asyncio.wait_for(self.reader.readexactly(2), TCP_IDLE_TIMEOUT)
+            (length,) = struct.unpack(">H", head)
+            data = await asyncio.wait_for(self.reader.readexactly(length), TCP_IDLE_TIMEOUT)
+            try:
+                req = parse_query(data, "tcp", self.peer)
+            except QueryError as e:
+                self.mux.malformed += 1
+                if e.reply is None:
+                    return  # not a query: the stream cannot be trusted any more
+                self.inflight += 1
+                self.reply(e.reply)
+                continue
+            self.inflight += 1
+            self.mux.serve(req, TcpWriter(self, req))
+            if self.inflight >= TCP_MAX_PIPELINE:
+                self.drained.clear()
+                await asyncio.wait_for(self.drained.wait(), TCP_IDLE_TIMEOUT)
+
+
+class TcpServer:
+    def __init__(self, mux: Mux) -> None:
+        self.mux = mux
+        self.connections: set[asyncio.Task[None]] = set()
+        self.server: asyncio.Server | None = None
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self.connections) >= TCP_MAX_CONNECTIONS:
+            writer.transport.abort()
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self.connections.add(task)
+        conn = TcpConnection(self.mux, reader, writer)
+        try:
+            await conn.run()
+        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError, asyncio.CancelledError):
+            pass
+        except Exception:
+            log.exception("dns tcp connection failed", extra={"client": str(conn.peer)})
+        finally:
+            self.connections.discard(task)
+            writer.close()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for task in list(self.connections):
+            task.cancel()
+        if self.connections:
+            await asyncio.gather(*self.connections, return_exceptions=True)
+        if self.server is not None:
+            await self.server.wait_closed()
+
+
+def make_socket(host: str, port: int, kind: socket.SocketKind) -> socket.socket:
+    """A bound, reusable (SO_REUSEPORT: several workers share it) non-blocking socket."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, kind)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "SO_REUSEPORT"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6 and host in ("::", "::0"):
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # dual stack
+        sock.bind((host, port))
+        sock.setblocking(False)
+        if kind == socket.SOCK_STREAM:
+            sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    return sock
