@@ -235,7 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extensions() -> list[Any]:
     """Commands contributed by other modules of the shell (each adds its own parsers)."""
-    return []
+    from isthmus import cli_ca
+
+    return [cli_ca.add_parsers]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
