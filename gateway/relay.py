@@ -12,7 +12,11 @@ Two implementations with one interface (`start`, `wait() -> RelayStats`, `close`
   inside the kernel. A direction stops reading while its pipe holds bytes the destination
   cannot take yet (back-pressure), and shuts down the destination's write side at EOF.
 
-`relay_sockets` picks one for two connected sockets. Idle detection costs nothing per chunk:
+`relay_sockets` picks one for two connected sockets. Splice is the default for plain TCP:
+measured with tests/gateway/bench_relay.py (2 cores, uvloop, 1 GiB bulk, sender and receiver in
+their own processes) both move ~1.5 GB/s, but splice costs the relay 0.23 CPU-s/GiB against
+0.36 for Protocols; 100-byte ping-pong is the same either way (~10 us relay CPU per round trip).
+Idle detection costs nothing per chunk:
 a timer fires a few times per idle period and compares the byte counters with their values
 at the previous check.
 """
