@@ -13,6 +13,7 @@ import socket
 import struct
 
 from dns.errors import DnsError
+from dns.metrics import MALFORMED
 from dns.plugin import CLIENT_ERRORS, Handler, write_error
 from dns.wire import REFUSED, SERVFAIL, QueryError, Request, parse_query, truncate
 
@@ -35,7 +36,7 @@ class Mux:
         self.zones = zones
         self.server = server
         self.root = zones.get(b"\x00")
-        self.malformed = 0
+        self.malformed = {p: MALFORMED.labels(server, p) for p in ("udp", "tcp")}
 
     def serve(self, req: Request, w: UdpWriter | TcpWriter) -> None:
         q = req.qlower
@@ -90,7 +91,7 @@ class UdpProtocol(asyncio.DatagramProtocol):
         try:
             req = parse_query(data, "udp", addr)
         except QueryError as e:
-            self.mux.malformed += 1
+            self.mux.malformed["udp"].inc()
             if e.reply is not None and self.transport is not None:
                 self.transport.sendto(e.reply, addr)
             return
@@ -148,7 +149,7 @@ class TcpConnection:
             try:
                 req = parse_query(data, "tcp", self.peer)
             except QueryError as e:
-                self.mux.malformed += 1
+                self.mux.malformed["tcp"].inc()
                 if e.reply is None:
                     return  # not a query: the stream cannot be trusted any more
                 self.inflight += 1

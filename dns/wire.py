@@ -129,6 +129,7 @@ class Request:
         "edns",
         "key",
         "labels",
+        "local",
         "max_size",
         "opt",
         "proto",
@@ -182,6 +183,9 @@ class Request:
         self.zone = b"\x00"
         self.server = ""
         self.report_error = None
+        # Set by plugins answering from their own data (global, hosts): the cache skips
+        # those replies, already pre-encoded and which must change as soon as the data does.
+        self.local = False
 
     @property
     def id(self) -> int:

@@ -72,6 +72,9 @@ class _StoringWriter:
         self.inner = inner
 
     def write(self, reply: bytes) -> None:
+        if self.req.local:
+            self.inner.write(reply)
+            return
         try:
             self.cache.store(self.req, reply, time.monotonic())
         except Exception:  # a reply we cannot cache is still a reply

@@ -200,6 +200,7 @@ class GlobalPlugin(Plugin):
         index = self.index
         node = index.nodes.get(req.qlower)
         answer = index.nxdomain if node is None else node.get(req.qtype) or index.nodata
+        req.local = True
         w.write(answer.render(req))
         return answer.rcode
 

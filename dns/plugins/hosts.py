@@ -181,6 +181,7 @@ class HostsPlugin(Plugin):
                 if self.fallthrough is not None and req.qtype not in (A, AAAA, PTR):
                     return serve_next(self, req, w)
                 answer = self.nodata
+        req.local = True
         w.write(answer.render(req))
         return answer.rcode
 
