@@ -133,12 +133,23 @@ class Balancer:
         self._on_eject = on_eject
         self._outstanding: dict[Target, int] = {}
         self._outliers: dict[Target, _Outlier] = {}
+        self._exclude: frozenset[Target] = frozenset()  # of the pick in progress
 
     # --- what the data plane calls -------------------------------------------------------
 
-    def pick(self, route: ServiceRoute, pinned_cluster: str | None = None) -> Choice:
-        """Choose a destination and a target within it; raises a RoutingError if none can."""
+    def pick(
+        self,
+        route: ServiceRoute,
+        pinned_cluster: str | None = None,
+        exclude: frozenset[Target] = frozenset(),
+    ) -> Choice:
+        """Choose a destination and a target within it; raises a RoutingError if none can.
+
+        `exclude` holds targets a retry already tried: they are avoided like ejected ones
+        (a cluster whose every target is excluded counts as without capacity), unless nothing
+        else is left."""
         now = self._clock()
+        self._exclude = exclude
         if pinned_cluster is not None:
             dest = route.destination(pinned_cluster)
             if dest is None:
@@ -279,7 +290,10 @@ class Balancer:
         kind = TargetKind.ENDPOINT if dest.local else TargetKind.GATEWAY
         for m in self._members(dest):
             ident = m.workload_id if isinstance(m, Endpoint) else m
-            state = self._outliers.get(Target(dest.cluster, kind, ident))
+            target = Target(dest.cluster, kind, ident)
+            if target in self._exclude:
+                continue
+            state = self._outliers.get(target)
             if state is None or state.ejected_until <= now:
                 return True
         return False
@@ -304,6 +318,9 @@ class Balancer:
     ) -> tuple[int, bool]:
         """Two samples by weight; the one with fewer outstanding requests wins, ties the first."""
         candidates = list(range(len(targets)))
+        if self._exclude:
+            fresh = [i for i in candidates if targets[i] not in self._exclude]
+            candidates = fresh or candidates
         if not panic:
             live = [i for i in candidates if not self._ejected_at(targets[i], now)]
             ejected_share = 1.0 - len(live) / len(candidates)

@@ -57,6 +57,10 @@ class RejectReason(enum.StrEnum):
     NO_SNI = "no_sni"
     BAD_SNI = "bad_sni"
     MULTIPLE_SNI = "multiple_sni"
+    # Decided by the I/O shell that feeds the parser, not by the parser itself:
+    CLOSED = "closed"  # the peer closed or broke before a whole ClientHello
+    TIMEOUT = "client_hello_timeout"
+    TRICKLE = "slow_client_hello"  # too many partial reads
 
 
 @dataclass(frozen=True, slots=True)

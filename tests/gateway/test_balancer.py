@@ -384,3 +384,18 @@ def test_retain_forgets_targets_that_left_the_table() -> None:
 def test_bad_policies(kw: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         OutlierPolicy(**kw)  # type: ignore[arg-type]
+
+
+def test_retries_avoid_targets_already_tried() -> None:
+    balancer = Balancer(rng=random.Random(21))
+    r = route(local("east", n=3), remote("west", priority=1))
+    first = balancer.pick(r)
+    tried = frozenset({first.target})
+    assert all(balancer.pick(r, exclude=tried).target != first.target for _ in range(200))
+    everything_local = frozenset(Balancer.targets_of([r])) - {
+        t for t in Balancer.targets_of([r]) if t.cluster == "west"
+    }
+    # Every local endpoint tried: the retry goes to the next cluster.
+    assert {balancer.pick(r, exclude=everything_local).cluster for _ in range(50)} == {"west"}
+    # Pinned with everything tried: nothing else is left, so a tried one is used again.
+    assert balancer.pick(r, pinned_cluster="east", exclude=everything_local).cluster == "east"

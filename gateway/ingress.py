@@ -1,0 +1,435 @@
+"""The ingress gateway: one public TLS listener that routes by SNI (DESIGN §2 step 5).
+
+Per connection:
+1. Peek the ClientHello (MSG_PEEK, so the bytes stay for the TLS stack) and parse it with the
+   sans-IO parser. SO_RCVLOWAT makes the socket readable again only when more bytes arrived, so
+   a slow sender costs no busy loop. Bad input is refused here, before any handshake.
+2. Route the SNI against the current routing table: the reserved peering name, or an exported
+   local service and port. Unknown or unexported names are refused before the handshake.
+3. TLS 1.3 handshake with a required client certificate, then strict SPIFFE verification; the
+   peer's cluster must be a member of the federation.
+4. Connect to a healthy local endpoint chosen by the balancer (retrying other endpoints on
+   connect failure) and relay bytes both ways.
+
+Every refusal is counted (`isthmus_rejections_total`, or the trust library's handshake
+counter) and logged on one line. Limits: connections overall, connections still before
+their relay (ClientHello + handshake), and timeouts for each step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from federation.routing import RoutingTable, ServiceRoute, TableHolder
+from federation.trust.connections import VerifiedConnection
+from federation.trust.credentials import TlsCredentials
+from federation.trust.errors import TrustError
+from federation.trust.observe import classify, record_failure
+from federation.trust.spiffe import SpiffeId
+from federation.trust.verify import verify_peer
+from gateway.balancer import Balancer, Choice, FailureKind, Target
+from gateway.clienthello import (
+    MAX_CLIENT_HELLO,
+    MAX_RECORDS,
+    NEED_MORE,
+    ClientHello,
+    Rejected,
+    RejectReason,
+    parse_client_hello,
+)
+from gateway.errors import RoutingError, SniError
+from gateway.metrics import GatewayKind, Outcome, flow, record_rejection
+from gateway.relay import ProtocolRelay, RelayConfig, RelayOutcome
+from gateway.sni import FederationSni, ServiceSni, parse_sni
+
+__all__ = ["FederationHandler", "Ingress", "IngressConfig"]
+
+log = logging.getLogger(__name__)
+
+# The most bytes a ClientHello the parser accepts can occupy on the wire.
+PEEK_LIMIT = MAX_CLIENT_HELLO + 5 * MAX_RECORDS
+MAX_PEEKS = 32  # real clients need one or two; more is a trickle meant to waste our time
+
+FederationHandler = Callable[[VerifiedConnection], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class IngressConfig:
+    host: str = "0.0.0.0"
+    port: int = 15443
+    client_hello_timeout: float = 5.0
+    handshake_timeout: float = 10.0
+    connect_timeout: float = 5.0
+    connect_attempts: int = 3
+    max_connections: int = 10_000
+    max_pending: int = 512  # connections not yet relaying (reading hello, handshaking, connecting)
+    backlog: int = 1024
+    reuse_port: bool = False  # several worker processes share the port
+    relay: RelayConfig = field(default_factory=RelayConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    reason: str
+    detail: str
+
+
+class Ingress:
+    def __init__(
+        self,
+        config: IngressConfig,
+        tables: TableHolder,
+        credentials: TlsCredentials,
+        balancer: Balancer | None = None,
+        on_federation: FederationHandler | None = None,
+    ) -> None:
+        self.config = config
+        self._tables = tables
+        self._credentials = credentials
+        self.balancer = balancer or Balancer()
+        self._on_federation = on_federation
+        self._listener: socket.socket | None = None
+        self._accept_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._relays: set[ProtocolRelay] = set()
+        self._pending = 0
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._listener is None:
+            raise RuntimeError("the ingress is not listening")
+        host, port = self._listener.getsockname()[:2]
+        return host, port
+
+    @property
+    def connections(self) -> int:
+        return len(self._tasks)
+
+    async def start(self) -> None:
+        cfg = self.config
+        family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if cfg.reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((cfg.host, cfg.port))
+            sock.listen(cfg.backlog)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self._listener = sock
+        self._accept_task = asyncio.create_task(self._accept_loop(sock))
+        log.info("ingress listening", extra={"address": f"{cfg.host}:{self.address[1]}"})
+
+    async def close(self, drain: float = 0.0) -> None:
+        """Stop accepting; give open connections `drain` seconds, then close them."""
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            await asyncio.gather(self._accept_task, return_exceptions=True)
+        if self._listener is not None:
+            self._listener.close()
+        if drain > 0 and self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=drain)
+        for relay in list(self._relays):
+            relay.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # --- accepting ----------------------------------------------------------------------------
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, addr = await loop.sock_accept(listener)
+            except OSError as exc:  # EMFILE and friends: back off instead of spinning
+                log.warning("ingress accept failed", extra={"error": repr(exc)})
+                await asyncio.sleep(0.1)
+                continue
+            peer = f"{addr[0]}:{addr[1]}"
+            if len(self._tasks) >= self.config.max_connections:
+                self._refuse(sock, peer, _Refusal("connection_limit", "too many connections"))
+                continue
+            if self._pending >= self.config.max_pending:
+                self._refuse(sock, peer, _Refusal("pending_limit", "too many handshakes"))
+                continue
+            task = asyncio.create_task(self._serve(sock, peer))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _refuse(self, sock: socket.socket | None, peer: str, refusal: _Refusal) -> None:
+        record_rejection(GatewayKind.INGRESS, self._tables.current.cluster, refusal.reason)
+        log.warning(
+            "ingress refused connection",
+            extra={"peer": peer, "reason": refusal.reason, "detail": refusal.detail},
+        )
+        if sock is not None:
+            sock.close()
+
+    async def _serve(self, sock: socket.socket, peer: str) -> None:
+        started = time.monotonic()
+        self._pending += 1
+        pending = True
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                async with asyncio.timeout(self.config.client_hello_timeout):
+                    hello = await _peek_client_hello(sock)
+            except TimeoutError:
+                hello = Rejected(RejectReason.TIMEOUT, "no complete ClientHello in time")
+            if isinstance(hello, Rejected):
+                self._refuse(sock, peer, _Refusal(str(hello.reason), hello.detail))
+                return
+            table = self._tables.current
+            target = _route(hello, table)
+            if isinstance(target, _Refusal):
+                self._refuse(sock, peer, target)
+                return
+            if isinstance(target, FederationSni):
+                conn = await self._federation_handshake(sock, peer)
+                if conn is None:
+                    return
+                self._pending -= 1
+                pending = False
+                if self._on_federation is None:
+                    conn.writer.transport.abort()
+                    return
+                await self._on_federation(conn)
+                return
+            route, port_name = target
+            relay = ProtocolRelay(self.config.relay)
+            sid = await self._handshake(sock, peer, relay, table)
+            if sid is None:
+                return
+            self._pending -= 1
+            pending = False
+            await self._relay_to_endpoint(relay, route, port_name, table, sid, started)
+        finally:
+            if pending:
+                self._pending -= 1
+
+    # --- TLS ------------------------------------------------------------------------------------
+
+    async def _handshake(
+        self, sock: socket.socket, peer: str, relay: ProtocolRelay, table: RoutingTable
+    ) -> SpiffeId | None:
+        loop = asyncio.get_running_loop()
+        ctx = self._credentials.server_context(require_client_cert=True)
+        try:
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: relay.a,
+                sock,
+                ssl=ctx,
+                ssl_handshake_timeout=self.config.handshake_timeout,
+            )
+        except (OSError, ssl.SSLError, TimeoutError, EOFError) as exc:
+            record_failure(classify(exc), side="server", peer=peer)
+            sock.close()
+            return None
+        sid = self._verify(transport, peer, table)
+        if sid is None:
+            transport.abort()
+        return sid
+
+    async def _federation_handshake(
+        self, sock: socket.socket, peer: str
+    ) -> VerifiedConnection | None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=1 << 20)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        try:
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol,
+                sock,
+                ssl=self._credentials.server_context(require_client_cert=True),
+                ssl_handshake_timeout=self.config.handshake_timeout,
+            )
+        except (OSError, ssl.SSLError, TimeoutError, EOFError) as exc:
+            record_failure(classify(exc), side="server", peer=peer)
+            sock.close()
+            return None
+        sid = self._verify(transport, peer, self._tables.current)
+        if sid is None:
+            transport.abort()
+            return None
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)  # type: ignore[arg-type]
+        return VerifiedConnection(reader, writer, sid)
+
+    def _verify(
+        self, transport: asyncio.BaseTransport, peer: str, table: RoutingTable
+    ) -> SpiffeId | None:
+        ssl_object = transport.get_extra_info("ssl_object")
+        try:
+            if ssl_object is None:
+                raise classify(ssl.SSLError("no TLS session after the handshake"))
+            sid = verify_peer(
+                ssl_object,
+                self._credentials.bundle,
+                self._credentials.trust_domain,
+                peer_is_server=False,
+            )
+        except TrustError as err:
+            record_failure(err, side="server", peer=peer)
+            return None
+        if sid.cluster not in table.clusters:
+            self._refuse(None, peer, _Refusal("peer_not_allowed", f"{sid} is not a member"))
+            return None
+        return sid
+
+    # --- relaying ---------------------------------------------------------------------------
+
+    async def _relay_to_endpoint(
+        self,
+        relay: ProtocolRelay,
+        route: ServiceRoute,
+        port_name: str,
+        table: RoutingTable,
+        sid: SpiffeId,
+        started: float,
+    ) -> None:
+        f = flow(GatewayKind.INGRESS, sid.cluster, str(route.service), table.cluster)
+        choice = await self._connect_endpoint(relay, route, port_name, table.cluster)
+        if isinstance(choice, Outcome):
+            f.connection_failed(choice, time.monotonic() - started)
+            relay.abort()
+            return
+        self._relays.add(relay)
+        f.connection_opened()
+        try:
+            relay.start()
+            stats = await relay.wait()
+        finally:
+            self._relays.discard(relay)
+            self.balancer.end(choice)
+            if not relay.done:
+                relay.abort()
+        outcome = {
+            RelayOutcome.CLOSED: Outcome.OK,
+            RelayOutcome.IDLE_TIMEOUT: Outcome.IDLE_TIMEOUT,
+            RelayOutcome.RESET: Outcome.RESET,
+            RelayOutcome.ABORTED: Outcome.DRAINED,
+        }[stats.outcome]
+        f.connection_closed(outcome, time.monotonic() - started, stats.a_to_b, stats.b_to_a)
+
+    async def _connect_endpoint(
+        self, relay: ProtocolRelay, route: ServiceRoute, port_name: str, cluster: str
+    ) -> Choice | Outcome:
+        loop = asyncio.get_running_loop()
+        outcome = Outcome.NO_HEALTHY_DESTINATION
+        tried: frozenset[Target] = frozenset()
+        for _ in range(self.config.connect_attempts):
+            try:
+                choice = self.balancer.pick(route, pinned_cluster=cluster, exclude=tried)
+            except RoutingError as err:
+                log.warning(
+                    "ingress has no endpoint",
+                    extra={"service": str(route.service), "detail": str(err)},
+                )
+                return Outcome.NO_HEALTHY_DESTINATION
+            endpoint = choice.endpoint
+            assert endpoint is not None  # pinned to the local cluster
+            port = endpoint.ports.get(port_name)
+            if port is None:
+                return Outcome.NO_HEALTHY_DESTINATION
+            self.balancer.begin(choice)
+            try:
+                async with asyncio.timeout(self.config.connect_timeout):
+                    await loop.create_connection(lambda: relay.b, endpoint.address, port)
+            except (OSError, TimeoutError) as exc:
+                self.balancer.end(choice)
+                self.balancer.report_failure(choice, FailureKind.CONNECT)
+                tried |= {choice.target}
+                outcome = (
+                    Outcome.CONNECT_TIMEOUT
+                    if isinstance(exc, TimeoutError)
+                    else Outcome.CONNECT_ERROR
+                )
+                log.warning(
+                    "ingress endpoint connect failed",
+                    extra={
+                        "service": str(route.service),
+                        "endpoint": f"{endpoint.address}:{port}",
+                        "error": repr(exc),
+                    },
+                )
+                continue
+            self.balancer.report_success(choice)
+            return choice
+        return outcome
+
+
+def _route(
+    hello: ClientHello, table: RoutingTable
+) -> tuple[ServiceRoute, str] | FederationSni | _Refusal:
+    try:
+        sni = parse_sni(hello.server_name, table.trust_domain)
+    except SniError as err:
+        return _Refusal("unknown_sni", str(err))
+    if sni.cluster != table.cluster:
+        return _Refusal("unknown_sni", f"{hello.server_name} names cluster {sni.cluster}")
+    if isinstance(sni, FederationSni):
+        return sni
+    assert isinstance(sni, ServiceSni)
+    route = table.get(sni.service)
+    if route is None:
+        return _Refusal("unknown_sni", f"no service {sni.service}")
+    if not route.exported:
+        return _Refusal("not_exported", f"{sni.service} is not exported")
+    if sni.port not in route.ports:
+        return _Refusal("unknown_sni", f"{sni.service} has no port named {sni.port}")
+    local = route.destination(table.cluster)
+    if local is None or not local.local:
+        return _Refusal("unknown_sni", f"{sni.service} has no endpoints in {table.cluster}")
+    return route, sni.port
+
+
+async def _peek_client_hello(sock: socket.socket) -> ClientHello | Rejected:
+    """Wait for a whole ClientHello without consuming it from the socket."""
+    loop = asyncio.get_running_loop()
+    fd = sock.fileno()
+    seen = -1
+    try:
+        for _ in range(MAX_PEEKS):
+            ready: asyncio.Future[None] = loop.create_future()
+
+            def wake(fut: asyncio.Future[None] = ready) -> None:
+                if not fut.done():
+                    fut.set_result(None)
+
+            loop.add_reader(fd, wake)
+            try:
+                await ready
+            finally:
+                loop.remove_reader(fd)
+            try:
+                data = sock.recv(PEEK_LIMIT, socket.MSG_PEEK)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                return Rejected(RejectReason.CLOSED, f"read failed: {exc!r}")
+            if len(data) == seen or not data:
+                # Readable without new bytes: the peer closed (or broke) mid-ClientHello.
+                return Rejected(RejectReason.CLOSED, "closed before a complete ClientHello")
+            seen = len(data)
+            result = parse_client_hello(data)
+            if result is not NEED_MORE:
+                assert isinstance(result, ClientHello | Rejected)
+                return result
+            if len(data) >= PEEK_LIMIT:
+                return Rejected(RejectReason.TOO_LARGE, "ClientHello larger than the limit")
+            # Readable again only once more bytes than these are queued.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, len(data) + 1)
+        return Rejected(RejectReason.TRICKLE, f"ClientHello came in over {MAX_PEEKS} reads")
+    finally:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
