@@ -115,6 +115,13 @@ class DnsServer:
         """Configured port -> bound port, for every listener."""
         return {p: lst.bound for p, lst in self._listeners.items()}
 
+    def mux(self, port: int | None = None) -> Mux:
+        """The query router of a listener (by configured port); lets tests skip sockets."""
+        mux = self._listeners[self.listen_port if port is None else port].mux
+        if mux is None:
+            raise RuntimeError("server not started")
+        return mux
+
     def http_port(self, host: str, port: int) -> int:
         """The bound port of a health/ready/prometheus listener configured as HOST:PORT."""
         if self.http is None:

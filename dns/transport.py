@@ -11,6 +11,8 @@ import asyncio
 import logging
 import socket
 import struct
+from collections.abc import Callable
+from typing import Any
 
 from dns.errors import DnsError
 from dns.metrics import MALFORMED
@@ -63,20 +65,34 @@ class Mux:
         if rc in CLIENT_ERRORS:
             write_error(req, w, rc)
 
+    def datagram(self, data: bytes, addr: tuple[str, int], sendto: SendTo) -> None:
+        """Answer one datagram through `sendto(reply, addr)`; sans-IO apart from that call."""
+        try:
+            req = parse_query(data, "udp", addr)
+        except QueryError as e:
+            self.malformed["udp"].inc()
+            if e.reply is not None:
+                sendto(e.reply, addr)
+            return
+        self.serve(req, UdpWriter(sendto, addr, req))
+
+
+SendTo = Callable[[bytes, Any], None]
+
 
 class UdpWriter:
-    __slots__ = ("addr", "req", "transport")
+    __slots__ = ("addr", "req", "sendto")
 
-    def __init__(self, transport: asyncio.DatagramTransport, addr: object, req: Request) -> None:
-        self.transport = transport
+    def __init__(self, sendto: SendTo, addr: object, req: Request) -> None:
+        self.sendto = sendto
         self.addr = addr
         self.req = req
 
     def write(self, reply: bytes) -> None:
         if len(reply) > self.req.max_size:
             reply = truncate(reply, self.req)
-        if not self.transport.is_closing():
-            self.transport.sendto(reply, self.addr)
+        # A closed asyncio/uvloop transport drops the datagram (a late forward reply).
+        self.sendto(reply, self.addr)
 
 
 class UdpProtocol(asyncio.DatagramProtocol):
@@ -86,19 +102,13 @@ class UdpProtocol(asyncio.DatagramProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.sendto = self.transport.sendto  # type: ignore[union-attr]
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         try:
-            req = parse_query(data, "udp", addr)
-        except QueryError as e:
-            self.mux.malformed["udp"].inc()
-            if e.reply is not None and self.transport is not None:
-                self.transport.sendto(e.reply, addr)
-            return
-        except Exception:
-            log.exception("dns udp parse failed", extra={"client": str(addr)})
-            return
-        self.mux.serve(req, UdpWriter(self.transport, addr, req))  # type: ignore[arg-type]
+            self.mux.datagram(data, addr, self.sendto)  # type: ignore[arg-type]
+        except Exception:  # never let one datagram take the listener down
+            log.exception("dns udp datagram failed", extra={"client": str(addr)})
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors for earlier replies (client gone); nothing to do for a stateless server.

@@ -109,7 +109,7 @@ def test_plugin_errors_name_line_and_column(
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.text(alphabet=st.sampled_from(list("ab.:{}; \n#\"$()\\/0123456789import")), max_size=80))
+@given(st.text(alphabet=st.sampled_from(list('ab.:{}; \n#"$()\\/0123456789import')), max_size=80))
 def test_any_text_parses_or_fails_with_a_position(text: str) -> None:
     try:
         parse_corefile(text, env={})
