@@ -13,7 +13,7 @@ Two implementations with one interface (`start`, `wait() -> RelayStats`, `close`
   cannot take yet (back-pressure), and shuts down the destination's write side at EOF.
 
 `relay_sockets` picks one for two connected sockets. Splice is the default for plain TCP:
-measured with tests/gateway/bench_relay.py (2 cores, uvloop, 1 GiB bulk, sender and receiver in
+measured with bench/relay_splice.py (2 cores, uvloop, 1 GiB bulk, sender and receiver in
 their own processes) both move ~1.5 GB/s, but splice costs the relay 0.23 CPU-s/GiB against
 0.36 for Protocols; 100-byte ping-pong is the same either way (~10 us relay CPU per round trip).
 Idle detection costs nothing per chunk:

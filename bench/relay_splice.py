@@ -1,6 +1,6 @@
 """Relay benchmark: os.splice vs asyncio Protocols, under asyncio and uvloop.
 
-Run: `python tests/gateway/bench_relay.py [--gib 1] [--pingpong 20000]`
+Run: `python bench/relay_splice.py [--gib 1] [--pingpong 20000]`
 
 The sender and the receiver are separate processes (blocking sockets, kernel-bound), so the
 figures are the relay process's: wall time for a bulk transfer, the relay's CPU seconds per GiB,
