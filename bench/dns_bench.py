@@ -15,6 +15,7 @@ process started the way the appliance starts workers (dns.workers.worker_main, s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import json
 import multiprocessing
@@ -232,10 +233,8 @@ def main() -> None:
                 }
             )
     finally:
-        try:
+        with contextlib.suppress(Exception):
             parent.send(None)
-        except Exception:
-            pass
         for p in procs:
             if isinstance(p, subprocess.Popen):
                 p.terminate()
@@ -252,7 +251,8 @@ def main() -> None:
     for r in results:
         print(
             f"{r['scenario']:<10} {r['isthmus']['peak_qps']:>11} {r['unbound']['peak_qps']:>12} "
-            f"{r['ratio']:>6}  {r['isthmus']['p99_ms_at_80']:>13}ms  {r['unbound']['p99_ms_at_80']:>13}ms"
+            f"{r['ratio']:>6}  {r['isthmus']['p99_ms_at_80']:>13}ms  "
+            f"{r['unbound']['p99_ms_at_80']:>13}ms"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
