@@ -113,17 +113,16 @@ async def tls_connect(
     """
     peer = f"{host}:{port}"
     try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(
+        # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation.
+        async with asyncio.timeout(timeout + 1.0):
+            reader, writer = await asyncio.open_connection(
                 host,
                 port,
                 ssl=credentials.client_context(),
                 server_hostname=server_hostname,
                 local_addr=local_addr,
                 ssl_handshake_timeout=timeout,
-            ),
-            timeout + 1.0,
-        )
+            )
     except (ssl.SSLError, TimeoutError) as exc:
         err = classify(exc)
         record_failure(err, side="client", peer=peer)

@@ -152,16 +152,22 @@ class EchoServer:
     refused: list[TrustError] = field(default_factory=list)
     expected_cluster: str | None = None
     server: asyncio.Server | None = None
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    tasks: set[asyncio.Task[object]] = field(default_factory=set)
+    writers: set[asyncio.StreamWriter] = field(default_factory=set)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.tasks.add(asyncio.current_task())  # type: ignore[arg-type]
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        self.writers.add(writer)
+        task.add_done_callback(self.tasks.discard)
         try:
             conn = await tls_accept(
                 reader, writer, self.credentials, expected_cluster=self.expected_cluster
             )
         except TrustError as err:
             self.refused.append(err)
+            self.writers.discard(writer)
             return
         self.accepted.append(conn.peer)
         try:
@@ -172,6 +178,7 @@ class EchoServer:
         except (ConnectionError, OSError):
             pass
         finally:
+            self.writers.discard(writer)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
@@ -184,9 +191,11 @@ class EchoServer:
     async def close(self) -> None:
         assert self.server is not None
         self.server.close()
-        for task in list(self.tasks):
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        # Close the open connections so their handlers return (cancelling a stream handler
+        # task makes 3.11's StreamReaderProtocol log a spurious error).
+        for writer in list(self.writers):
+            writer.close()
+        await asyncio.wait_for(asyncio.gather(*self.tasks, return_exceptions=True), 10)
         await self.server.wait_closed()
 
 
