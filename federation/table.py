@@ -1,8 +1,13 @@
-"""Builds routing-table snapshots from the local catalog and publishes them.
+"""Builds routing-table snapshots from the local catalog, the peers' exports and the traffic
+policies, and publishes them.
 
 Changes are coalesced: a burst of registrations triggers one rebuild, and a rebuild only
-recomputes the services whose workloads changed (from the catalog's change log), reusing
-the other routes of the previous snapshot as they are.
+recomputes the local destinations of services whose workloads changed (from the catalog's
+change log). Peer and policy changes recompose the routes from those cached destinations.
+
+Priorities (DESIGN §5): the local cluster 0, clusters in the same region 1, the rest 2. A
+policy's weights apply to the clusters it names; `failover` says whether a cluster's share
+moves elsewhere when it has no healthy capacity.
 """
 
 from __future__ import annotations
@@ -11,12 +16,17 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 
 from discovery.catalog import Catalog
 from discovery.errors import DiscoveryError
 from discovery.model import Health, Locality, WorkloadState
 from discovery.names import ServiceKey
+from federation.feed import FeedState
+from federation.policy import PolicyStore
 from federation.routing import Destination, Endpoint, RoutingTable, ServiceRoute, TableHolder
+
+PRIORITY_LOCAL, PRIORITY_REGION, PRIORITY_OTHER = 0, 1, 2
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +64,30 @@ def service_ports(members: list[WorkloadState]) -> dict[str, int]:
     return ports
 
 
-class LocalTableBuilder:
-    """Keeps a TableHolder in step with the local catalog."""
+def remote_destination(
+    peer: str, feed: FeedState, service: dict, locality: Locality, fallback_gateway: str
+) -> Destination:
+    region = feed.locality.get("region", "")
+    return Destination(
+        cluster=peer,
+        local=False,
+        priority=PRIORITY_REGION if region and region == locality.region else PRIORITY_OTHER,
+        healthy=service["healthy"],
+        total=service["total"],
+        locality=Locality(region, feed.locality.get("zone", "")),
+        gateways=tuple(feed.gateways) or (fallback_gateway,),
+    )
+
+
+class Imports:
+    """What the builder needs to know of peers: (cluster, fallback address, feed) each."""
+
+    def __init__(self) -> None:
+        self.feeds: dict[str, tuple[str, FeedState]] = {}
+
+
+class TableBuilder:
+    """Keeps a TableHolder in step with the catalog, the peers' exports and the policies."""
 
     def __init__(
         self,
@@ -66,6 +98,9 @@ class LocalTableBuilder:
         trust_domain: str,
         locality: Locality,
         exported: Callable[[ServiceKey], bool] = lambda _: False,
+        policies: PolicyStore | None = None,
+        imports: Imports | None = None,
+        known_clusters: Callable[[], frozenset[str]] | None = None,
     ) -> None:
         self.catalog = catalog
         self.holder = holder
@@ -73,13 +108,23 @@ class LocalTableBuilder:
         self.trust_domain = trust_domain
         self.locality = locality
         self.exported = exported
+        self.policies = policies
+        self.imports = imports or Imports()
+        self.known_clusters = known_clusters or (lambda: frozenset({cluster}))
         self._built_index = -1
+        self._local: dict[ServiceKey, tuple[dict[str, int], Destination]] = {}
         self._routes: dict[ServiceKey, ServiceRoute] = {}
+        self._recompose_all = True
         self._owner: dict[str, ServiceKey] = {}  # workload id -> service, as last built
         self._version = holder.current.version
         self._dirty = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._unsubscribe: Callable[[], None] | None = None
+
+    def invalidate(self) -> None:
+        """Peers or policies changed: recompose every route on the next rebuild."""
+        self._recompose_all = True
+        self._dirty.set()
 
     async def start(self) -> None:
         await self.rebuild()
@@ -109,7 +154,7 @@ class LocalTableBuilder:
         index = self.catalog.index
         changed = self.catalog.changes_since(self._built_index) if self._built_index >= 0 else None
         if changed is None:
-            keys = {st.workload.service for st in self.catalog.workloads()} | set(self._routes)
+            keys = {st.workload.service for st in self.catalog.workloads()} | set(self._local)
         else:
             keys = set()
             for wid in changed:
@@ -119,32 +164,85 @@ class LocalTableBuilder:
                 with contextlib.suppress(DiscoveryError):
                     keys.add(self.catalog.get(wid).workload.service)
         for key in keys:
-            old = self._routes.get(key)
+            old = self._local.pop(key, None)
             if old is not None:
-                for dest in old.destinations:
-                    for e in dest.endpoints:
-                        self._owner.pop(e.workload_id, None)
+                for e in old[1].endpoints:
+                    self._owner.pop(e.workload_id, None)
             members = self.catalog.workloads(key)
-            if not members:
+            if members:
+                for st in members:
+                    self._owner[st.workload.id] = key
+                self._local[key] = (
+                    service_ports(members),
+                    local_destination(self.cluster, self.locality, members),
+                )
+        if self._recompose_all:
+            self._recompose_all = False
+            remote_keys: set[ServiceKey] = set()
+            for _, feed in self.imports.feeds.values():
+                for name in feed.services:
+                    with contextlib.suppress(ValueError):
+                        remote_keys.add(ServiceKey.parse(name))
+            policy_keys = {p.service for p in self.policies.all()} if self.policies else set()
+            keys = set(self._local) | remote_keys | set(self._routes) | policy_keys
+        for key in keys:
+            route = await self._compose(key)
+            if route is None:
                 self._routes.pop(key, None)
-                continue
-            for st in members:
-                self._owner[st.workload.id] = key
-            vip = await self.catalog.vip(str(key))
-            pinned = await self.catalog.vip(f"{key}.{self.cluster}")
-            self._routes[key] = ServiceRoute(
-                service=key,
-                vip=vip,
-                ports=service_ports(members),
-                destinations=(local_destination(self.cluster, self.locality, members),),
-                cluster_vips={self.cluster: pinned},
-                exported=self.exported(key),
-            )
+            else:
+                self._routes[key] = route
         self._built_index = index
         self._version += 1
         table = RoutingTable.build(
             self._version, self.cluster, self.trust_domain, list(self._routes.values()),
-            clusters=frozenset({self.cluster}),
+            clusters=self.known_clusters() | {self.cluster},
         )
         self.holder.publish(table)
         return table
+
+    async def _compose(self, key: ServiceKey) -> ServiceRoute | None:
+        dests: list[Destination] = []
+        ports: dict[str, int] = {}
+        local = self._local.get(key)
+        if local is not None:
+            ports = dict(local[0])
+            dests.append(local[1])
+        name = str(key)
+        for peer in sorted(self.imports.feeds):
+            address, feed = self.imports.feeds[peer]
+            svc = feed.services.get(name)
+            if svc is None or peer == self.cluster:
+                continue
+            dests.append(remote_destination(peer, feed, svc, self.locality, address))
+            for pname, port in svc["ports"].items():
+                ports.setdefault(pname, port)
+        if not dests:
+            return None
+        policy = self.policies.get(key) if self.policies else None
+        failover, version = True, None
+        if policy is not None and policy.weights is not None:
+            weights = policy.weights
+            dests = [replace(d, weight=weights.get(d.cluster, 0)) for d in dests]
+            failover, version = policy.failover, str(policy.stamp)
+        dests.sort(key=lambda d: (d.priority, d.cluster))
+        vip = self.catalog.known_vip(name) or await self.catalog.vip(name)
+        cluster_vips = {}
+        for d in dests:
+            pinned = f"{name}.{d.cluster}"
+            cluster_vips[d.cluster] = self.catalog.known_vip(pinned) or await self.catalog.vip(
+                pinned
+            )
+        return ServiceRoute(
+            service=key,
+            vip=vip,
+            ports=ports,
+            destinations=tuple(dests),
+            cluster_vips=cluster_vips,
+            failover=failover,
+            policy_version=version,
+            exported=local is not None and self.exported(key),
+        )
+
+
+# The builder with no peers and no policies: the local catalog alone.
+LocalTableBuilder = TableBuilder

@@ -1,0 +1,299 @@
+"""Peering sessions: each control node pulls every peer's export feed over mutual TLS.
+
+The connection goes to the peer's public ingress address with the reserved SNI
+`federation.<peer>.<trust_domain>`; the peer's ingress terminates TLS, checks our gateway
+identity and hands the stream to its `FeedServer`. Both directions run, so each side pulls
+the other's feed. A link that breaks keeps the last state it had (`stale`) and reconnects with
+jittered exponential back-off, resuming from the last (epoch, version) it saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import enum
+import logging
+import random
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
+
+from prometheus_client import Counter, Gauge
+
+from federation.feed import (
+    ExportFeed,
+    FeedError,
+    FeedState,
+    FrameDecoder,
+    apply_message,
+    encode_frame,
+)
+from federation.trust import TlsCredentials, TrustError, VerifiedConnection, tls_connect
+from federation.trust.spiffe import Kind
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT = 5.0
+READ_CHUNK = 256 * 1024
+
+PEER_UP = Gauge("isthmus_peer_connected", "1 when the peering session is up", ["cluster", "peer"])
+FEED_MESSAGES = Counter(
+    "isthmus_peer_feed_messages_total", "Feed messages received", ["cluster", "peer", "type"]
+)
+FEED_ERRORS = Counter(
+    "isthmus_peer_feed_errors_total",
+    "Peering sessions ended by an error",
+    ["cluster", "peer", "reason"],
+)
+
+
+class PeerStatus(enum.StrEnum):
+    CONNECTED = "connected"
+    STALE = "stale"  # down now, last-known exports kept
+    UNREACHABLE = "unreachable"  # never synced
+
+
+@dataclass
+class PeerState:
+    cluster: str
+    address: str
+    status: PeerStatus = PeerStatus.UNREACHABLE
+    last_sync: dt.datetime | None = None
+    feed: FeedState | None = None
+    epoch: str | None = None
+    version: int = 0
+    error: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "cluster": self.cluster,
+            "address": self.address,
+            "state": self.status.value,
+            "last_sync": self.last_sync.isoformat() if self.last_sync else None,
+            "services": sorted(self.feed.services) if self.feed else [],
+            "gateways": self.feed.gateways if self.feed else [],
+            "locality": self.feed.locality if self.feed else {},
+            "feed_version": self.version,
+            "error": self.error,
+        }
+
+
+async def _read_messages(
+    reader: asyncio.StreamReader, decoder: FrameDecoder, timeout: float
+) -> list[dict]:
+    while True:
+        async with asyncio.timeout(timeout):
+            data = await reader.read(READ_CHUNK)
+        if not data:
+            raise ConnectionError("peer closed the feed")
+        msgs = decoder.feed(data)
+        if msgs:
+            return msgs
+
+
+class FeedServer:
+    """Serves our export feed to peers that pass the identity check."""
+
+    def __init__(
+        self, feed: ExportFeed, cluster: str, allowed: Callable[[], Collection[str]]
+    ) -> None:
+        self.feed = feed
+        self.cluster = cluster
+        self.allowed = allowed
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def handle(self, conn: VerifiedConnection) -> None:
+        peer = conn.peer
+        writer = conn.writer
+        if peer.kind is not Kind.GATEWAY or peer.cluster not in self.allowed():
+            log.warning(
+                "feed refused: not a gateway of a configured peer",
+                extra={"cluster": self.cluster, "peer_identity": str(peer)},
+            )
+            writer.transport.abort()
+            return
+        task = asyncio.current_task()
+        if task:
+            self._tasks.add(task)
+        try:
+            await self._serve(conn, peer.cluster)
+        except (ConnectionError, TimeoutError, FeedError, OSError) as e:
+            log.info("feed subscriber left", extra={"peer": peer.cluster, "reason": str(e)})
+        finally:
+            if task:
+                self._tasks.discard(task)
+            writer.transport.abort() if writer.transport.is_closing() else writer.close()
+
+    async def _serve(self, conn: VerifiedConnection, peer: str) -> None:
+        decoder = FrameDecoder(max_frame=64 * 1024)
+        (hello, *_) = await _read_messages(conn.reader, decoder, 10.0)
+        if hello.get("type") != "subscribe" or not isinstance(hello.get("version", 0), int):
+            raise FeedError("expected a subscribe message first")
+        epoch = hello.get("epoch") if isinstance(hello.get("epoch"), str) else None
+        sent = -1
+        msg = self.feed.since(epoch, int(hello.get("version", 0)))
+        eof = asyncio.ensure_future(conn.reader.read(1))  # the subscriber never sends more
+        try:
+            while True:
+                conn.writer.write(encode_frame(msg))
+                await conn.writer.drain()
+                sent = int(msg["version"])
+                waiter = asyncio.ensure_future(self.feed.wait(sent, HEARTBEAT))
+                done, _ = await asyncio.wait({waiter, eof}, return_when=asyncio.FIRST_COMPLETED)
+                if eof in done:
+                    waiter.cancel()
+                    raise ConnectionError("subscriber closed")
+                if self.feed.version > sent:
+                    msg = self.feed.since(self.feed.epoch, sent)
+                else:
+                    msg = {"type": "heartbeat", "epoch": self.feed.epoch, "version": sent}
+        finally:
+            eof.cancel()
+
+    async def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+UpdateHandler = Callable[[PeerState, dict], Awaitable[None]]
+
+
+class PeerLink:
+    """Keeps one peer's feed in `state`, reconnecting forever until closed."""
+
+    def __init__(
+        self,
+        cluster: str,
+        peer: str,
+        address: str,
+        credentials: TlsCredentials,
+        on_update: UpdateHandler,
+        *,
+        backoff_min: float = 0.2,
+        backoff_max: float = 15.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.cluster = cluster
+        self.state = PeerState(peer, address)
+        self.credentials = credentials
+        self.on_update = on_update
+        self.backoff_min, self.backoff_max = backoff_min, backoff_max
+        self._rng = rng or random.Random()
+        self._task: asyncio.Task[None] | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"peer-{self.state.cluster}")
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._writer is not None:
+            self._writer.transport.abort()
+
+    def _down(self, reason: str, detail: str) -> None:
+        was = self.state.status
+        self.state.status = PeerStatus.STALE if self.state.feed else PeerStatus.UNREACHABLE
+        self.state.error = detail
+        PEER_UP.labels(self.cluster, self.state.cluster).set(0)
+        FEED_ERRORS.labels(self.cluster, self.state.cluster, reason).inc()
+        level = logging.WARNING if was is PeerStatus.CONNECTED else logging.DEBUG
+        log.log(
+            level,
+            "peer link down",
+            extra={
+                "peer": self.state.cluster,
+                "reason": reason,
+                "detail": detail,
+                "state": self.state.status.value,
+            },
+        )
+
+    async def _run(self) -> None:
+        delay = self.backoff_min
+        while True:
+            try:
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except TrustError as e:
+                self._down("identity", str(e))
+            except FeedError as e:
+                self._down("malformed_feed", str(e))
+            except TimeoutError:
+                self._down("timeout", "no feed message within the heartbeat window")
+            except (OSError, ConnectionError) as e:
+                self._down("connect", str(e) or type(e).__name__)
+            else:
+                delay = self.backoff_min
+            if self.state.status is PeerStatus.CONNECTED:
+                delay = self.backoff_min
+            # full jitter: spread reconnects of many clusters after a shared outage
+            await asyncio.sleep(self._rng.uniform(self.backoff_min, delay))
+            delay = min(self.backoff_max, delay * 2)
+
+    async def _session(self) -> None:
+        host, _, port = self.state.address.rpartition(":")
+        td = self.credentials.trust_domain
+        conn = await tls_connect(
+            host.strip("[]"),
+            int(port),
+            self.credentials,
+            server_hostname=f"federation.{self.state.cluster}.{td}",
+            expected_cluster=self.state.cluster,
+        )
+        if conn.peer.kind is not Kind.GATEWAY:
+            conn.writer.transport.abort()
+            raise TrustError(f"peer presented {conn.peer}, not a gateway identity")
+        self._writer = conn.writer
+        try:
+            conn.writer.write(
+                encode_frame(
+                    {
+                        "type": "subscribe",
+                        "cluster": self.cluster,
+                        "epoch": self.state.epoch,
+                        "version": self.state.version,
+                    }
+                )
+            )
+            await conn.writer.drain()
+            decoder = FrameDecoder()
+            while True:
+                for msg in await _read_messages(conn.reader, decoder, HEARTBEAT * 3):
+                    await self._apply(msg)
+        finally:
+            self._writer = None
+            conn.writer.transport.abort()
+
+    async def _apply(self, msg: dict) -> None:
+        kind = msg.get("type")
+        FEED_MESSAGES.labels(self.cluster, self.state.cluster, str(kind)[:16]).inc()
+        if kind == "heartbeat":
+            self._mark_up()
+            return
+        new = apply_message(self.state.feed, msg)
+        if new.cluster != self.state.cluster:
+            raise FeedError(f"feed says it is cluster {new.cluster!r}")
+        version = msg.get("version")
+        if not isinstance(version, int) or not isinstance(msg.get("epoch"), str):
+            raise FeedError("feed message without epoch and version")
+        self.state.feed = new
+        self.state.epoch, self.state.version = msg["epoch"], version
+        self._mark_up()
+        await self.on_update(self.state, msg)
+
+    def _mark_up(self) -> None:
+        if self.state.status is not PeerStatus.CONNECTED:
+            log.info("peer link up", extra={"peer": self.state.cluster})
+        self.state.status = PeerStatus.CONNECTED
+        self.state.error = None
+        self.state.last_sync = dt.datetime.now(dt.UTC)
+        PEER_UP.labels(self.cluster, self.state.cluster).set(1)
+
+
+async def aclose_all(items: list[PeerLink]) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.gather(*(i.close() for i in items))
