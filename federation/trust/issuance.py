@@ -10,6 +10,8 @@ never travels: the caller keeps it and sends only the CSR.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -18,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -256,56 +257,110 @@ async def request_identity(
         "node": node,
         "kind": wanted.kind.value if wanted.kind else "agent",
     }
-    headers = {}
+    payload = json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
     if bootstrap_token is not None and identity is None:
         headers["Authorization"] = f"Bearer {bootstrap_token}"
     ctx = client_context(identity, bundle)
-    url = f"https://{control_addr}{ROUTE}"
+    host, port = _split_addr(control_addr)
     try:
-        async with (
-            aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=ctx),
-                timeout=aiohttp.ClientTimeout(total=timeout),
-            ) as session,
-            session.post(url, json=body, headers=headers) as resp,
-        ):
-            _verify_control_node(resp, bundle, trust_domain, cluster, control_addr)
-            try:
-                payload = await resp.json(content_type=None)
-            except (json.JSONDecodeError, aiohttp.ContentTypeError, UnicodeDecodeError):
-                raise IssuanceError(
-                    f"{control_addr} answered {resp.status} without JSON", status=resp.status
-                ) from None
-            status = resp.status
-    except (aiohttp.ClientConnectionError, ssl.SSLError, TimeoutError) as exc:
+        async with asyncio.timeout(timeout):
+            status, answer = await _post(
+                host, port, ctx, payload, headers, bundle, trust_domain, cluster, control_addr
+            )
+    except (OSError, ssl.SSLError, TimeoutError) as exc:
         raise IssuanceError(f"cannot reach control node {control_addr}: {exc}") from None
-    if status != 200 or not isinstance(payload, dict):
-        msg = payload.get("error") if isinstance(payload, dict) else None
-        field = payload.get("field") if isinstance(payload, dict) else None
+    try:
+        parsed = json.loads(answer)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise IssuanceError(
+            f"{control_addr} answered {status} without JSON", status=status
+        ) from None
+    if status != 200 or not isinstance(parsed, dict):
+        msg = parsed.get("error") if isinstance(parsed, dict) else None
+        field = parsed.get("field") if isinstance(parsed, dict) else None
         raise IssuanceError(
             f"{control_addr} refused the identity request ({status}): {msg}",
             status=status,
             field=field,
         )
-    return _accept_response(payload, key, wanted, control_addr)
+    return _accept_response(parsed, key, wanted, control_addr)
 
 
-def _verify_control_node(
-    resp: aiohttp.ClientResponse,
+def _split_addr(addr: str) -> tuple[str, int]:
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"control address {addr!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+async def _post(
+    host: str,
+    port: int,
+    ctx: ssl.SSLContext,
+    payload: bytes,
+    headers: dict[str, str],
     bundle: TrustBundle,
     trust_domain: str,
     cluster: str,
     control_addr: str,
-) -> None:
-    conn = resp.connection
-    ssl_object = conn.transport.get_extra_info("ssl_object") if conn and conn.transport else None
-    if ssl_object is None:
-        raise IssuanceError(f"{control_addr}: no TLS session to verify")
+) -> tuple[int, bytes]:
+    """One HTTP/1.1 POST over a connection whose server identity is verified *before* the
+    request (and its bootstrap token) is sent - an HTTP client library would send first."""
+    reader, writer = await asyncio.open_connection(host, port, ssl=ctx)
     try:
-        verify_peer(ssl_object, bundle, trust_domain, expected_cluster=cluster)
-    except PeerVerificationError as err:
-        record_failure(err, side="client", peer=control_addr)
-        raise
+        ssl_object = writer.get_extra_info("ssl_object")
+        try:
+            verify_peer(ssl_object, bundle, trust_domain, expected_cluster=cluster)
+        except PeerVerificationError as err:
+            record_failure(err, side="client", peer=control_addr)
+            raise
+        head = [f"POST {ROUTE} HTTP/1.1", f"Host: {control_addr}", "Connection: close"]
+        head += [f"{k}: {v}" for k, v in headers.items()]
+        head.append(f"Content-Length: {len(payload)}")
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + payload)
+        await writer.drain()
+        return _parse_response(await reader.read(MAX_RESPONSE + 1), control_addr)
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await writer.wait_closed()
+
+
+MAX_RESPONSE = 256 * 1024
+
+
+def _parse_response(raw: bytes, control_addr: str) -> tuple[int, bytes]:
+    if len(raw) > MAX_RESPONSE:
+        raise IssuanceError(f"{control_addr} sent more than {MAX_RESPONSE} bytes")
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if not sep or len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        raise IssuanceError(f"{control_addr} sent a malformed HTTP response")
+    fields = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        fields[name.strip().lower()] = value.strip()
+    if fields.get("transfer-encoding", "").lower() == "chunked":
+        body = _dechunk(body, control_addr)
+    elif "content-length" in fields:
+        body = body[: int(fields["content-length"])]
+    return int(parts[1]), body
+
+
+def _dechunk(data: bytes, control_addr: str) -> bytes:
+    out, pos = bytearray(), 0
+    while True:
+        end = data.find(b"\r\n", pos)
+        try:
+            size = int(data[pos:end].split(b";")[0], 16)
+        except ValueError:
+            raise IssuanceError(f"{control_addr} sent a malformed chunked body") from None
+        if end < 0 or size == 0:
+            return bytes(out)
+        out += data[end + 2 : end + 2 + size]
+        pos = end + 2 + size + 2
 
 
 def _accept_response(
