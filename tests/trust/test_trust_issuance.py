@@ -61,6 +61,8 @@ class ControlNode:
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + data)
         raw = await asyncio.wait_for(reader.read(), 10)
         writer.close()
+        if not raw:
+            raise ConnectionResetError("the control node closed the connection without answering")
         head_raw, _, payload = raw.partition(b"\r\n\r\n")
         return int(head_raw.split(b" ")[1]), json.loads(payload)
 
