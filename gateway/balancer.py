@@ -134,6 +134,7 @@ class Balancer:
         self._outstanding: dict[Target, int] = {}
         self._outliers: dict[Target, _Outlier] = {}
         self._exclude: frozenset[Target] = frozenset()  # of the pick in progress
+        self._down: set[Target] = set()  # failed active probes; out like ejected targets
 
     # --- what the data plane calls -------------------------------------------------------
 
@@ -221,19 +222,38 @@ class Balancer:
             self._on_eject(choice, duration)
         return True
 
+    def set_down(self, target: Target, down: bool) -> bool:
+        """Active health (probes): a down target is avoided like an ejected one, until a probe
+        brings it back; panic may still use it. Returns True when the state changed."""
+        if down == (target in self._down):
+            return False
+        if down:
+            self._down.add(target)
+        else:
+            self._down.discard(target)
+        log.warning(
+            "target probed down" if down else "target probed up",
+            extra={"cluster": target.cluster, "target_kind": target.kind.value,
+                   "target": target.ident},
+        )  # fmt: skip
+        return True
+
     # --- inspection and housekeeping -----------------------------------------------------
 
     def outstanding(self, target: Target) -> int:
         return self._outstanding.get(target, 0)
 
     def is_ejected(self, target: Target) -> bool:
-        state = self._outliers.get(target)
-        return state is not None and state.ejected_until > self._clock()
+        return self._ejected_at(target, self._clock())
+
+    def is_down(self, target: Target) -> bool:
+        return target in self._down
 
     def retain(self, targets: set[Target]) -> None:
-        """Drop outlier state of targets no longer in the routing table (call on a swap)."""
+        """Drop outlier and probe state of targets no longer in the routing table (on a swap)."""
         for t in [t for t in self._outliers if t not in targets]:
             del self._outliers[t]
+        self._down &= targets
 
     @staticmethod
     def targets_of(routes: Sequence[ServiceRoute]) -> set[Target]:
@@ -293,8 +313,7 @@ class Balancer:
             target = Target(dest.cluster, kind, ident)
             if target in self._exclude:
                 continue
-            state = self._outliers.get(target)
-            if state is None or state.ejected_until <= now:
+            if not self._ejected_at(target, now):
                 return True
         return False
 
@@ -337,6 +356,8 @@ class Balancer:
         return a, panic
 
     def _ejected_at(self, target: Target, now: float) -> bool:
+        if target in self._down:
+            return True
         state = self._outliers.get(target)
         return state is not None and state.ejected_until > now
 

@@ -37,3 +37,15 @@ class NoHealthyDestination(RoutingError):
 
 class RelayError(GatewayError):
     """The byte relay between two connections failed."""
+
+
+class UpstreamError(GatewayError):
+    """A destination (local endpoint or remote ingress) could not be reached or broke."""
+
+    def __init__(self, message: str, outcome: str = "connect_error") -> None:
+        super().__init__(message)
+        self.outcome = outcome  # a metrics Outcome value: connect_error, handshake_timeout, ...
+
+
+class ConnectFailed(UpstreamError):
+    """No connection (TCP refused or timed out, TLS handshake refused or timed out)."""

@@ -47,7 +47,7 @@ from gateway.clienthello import (
 from gateway.errors import RoutingError, SniError
 from gateway.metrics import GatewayKind, Outcome, flow, record_rejection
 from gateway.relay import ProtocolRelay, RelayConfig, RelayOutcome
-from gateway.sni import FederationSni, ServiceSni, parse_sni
+from gateway.sni import FederationSni, ProbeSni, ServiceSni, parse_sni
 
 __all__ = ["FederationHandler", "Ingress", "IngressConfig"]
 
@@ -194,6 +194,12 @@ class Ingress:
             target = _route(hello, table)
             if isinstance(target, _Refusal):
                 self._refuse(sock, peer, target)
+                return
+            if isinstance(target, ProbeSni):
+                # A remote egress checking that we are up: the handshake is the answer.
+                conn = await self._federation_handshake(sock, peer)
+                if conn is not None:
+                    conn.writer.close()
                 return
             if isinstance(target, FederationSni):
                 conn = await self._federation_handshake(sock, peer)
@@ -370,14 +376,14 @@ class Ingress:
 
 def _route(
     hello: ClientHello, table: RoutingTable
-) -> tuple[ServiceRoute, str] | FederationSni | _Refusal:
+) -> tuple[ServiceRoute, str] | FederationSni | ProbeSni | _Refusal:
     try:
         sni = parse_sni(hello.server_name, table.trust_domain)
     except SniError as err:
         return _Refusal("unknown_sni", str(err))
     if sni.cluster != table.cluster:
         return _Refusal("unknown_sni", f"{hello.server_name} names cluster {sni.cluster}")
-    if isinstance(sni, FederationSni):
+    if isinstance(sni, FederationSni | ProbeSni):
         return sni
     assert isinstance(sni, ServiceSni)
     route = table.get(sni.service)

@@ -2,7 +2,9 @@
 
 - a service port: `<port>.<name>.<namespace>.<cluster>.<trust_domain>`, where `<port>` is the
   service's port *name* (a DNS label; names are what local endpoints agree on, numbers are not);
-- peering: the reserved `federation.<cluster>.<trust_domain>`.
+- peering: the reserved `federation.<cluster>.<trust_domain>`;
+- health probes of an ingress: the reserved `probe.<cluster>.<trust_domain>` (the ingress
+  completes the mutual-TLS handshake and closes; no endpoint or peering handler is involved).
 
 The trust domain may contain dots, so a name is parsed against a known trust domain: strip
 `.<trust_domain>`, then two labels left mean peering and four mean a service.
@@ -18,15 +20,19 @@ from gateway.errors import SniError
 __all__ = [
     "FEDERATION_LABEL",
     "MAX_SNI",
+    "PROBE_LABEL",
     "FederationSni",
+    "ProbeSni",
     "ServiceSni",
     "federation_sni",
     "parse_sni",
+    "probe_sni",
     "service_sni",
     "validate_trust_domain",
 ]
 
 FEDERATION_LABEL = "federation"
+PROBE_LABEL = "probe"
 MAX_SNI = 253
 
 
@@ -49,6 +55,15 @@ class FederationSni:
 
     def __str__(self) -> str:
         return f"{FEDERATION_LABEL}.{self.cluster}.{self.trust_domain}"
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeSni:
+    cluster: str
+    trust_domain: str
+
+    def __str__(self) -> str:
+        return f"{PROBE_LABEL}.{self.cluster}.{self.trust_domain}"
 
 
 def validate_trust_domain(trust_domain: str) -> str:
@@ -91,7 +106,14 @@ def federation_sni(cluster: str, trust_domain: str) -> str:
     return _check_length(str(FederationSni(cluster, trust_domain)))
 
 
-def parse_sni(server_name: str, trust_domain: str) -> ServiceSni | FederationSni:
+def probe_sni(cluster: str, trust_domain: str) -> str:
+    """Format the reserved SNI that health-probes `cluster`'s ingress."""
+    _check_label("cluster", cluster)
+    validate_trust_domain(trust_domain)
+    return _check_length(str(ProbeSni(cluster, trust_domain)))
+
+
+def parse_sni(server_name: str, trust_domain: str) -> ServiceSni | FederationSni | ProbeSni:
     """Parse a server name under `trust_domain`; raises SniError saying what is wrong."""
     if not server_name.isascii():  # lower() would fold e.g. KELVIN SIGN into "k"
         raise SniError(f"server name {server_name!r} is not ASCII")
@@ -104,10 +126,13 @@ def parse_sni(server_name: str, trust_domain: str) -> ServiceSni | FederationSni
     if len(labels) == 2 and labels[0] == FEDERATION_LABEL:
         _check_label("cluster", labels[1])
         return FederationSni(labels[1], trust_domain)
+    if len(labels) == 2 and labels[0] == PROBE_LABEL:
+        _check_label("cluster", labels[1])
+        return ProbeSni(labels[1], trust_domain)
     if len(labels) != 4:
         raise SniError(
             f"server name {server_name!r} is neither <port>.<name>.<namespace>.<cluster>."
-            f"{trust_domain} nor {FEDERATION_LABEL}.<cluster>.{trust_domain}"
+            f"{trust_domain} nor {FEDERATION_LABEL}|{PROBE_LABEL}.<cluster>.{trust_domain}"
         )
     port, svc, namespace, cluster = labels
     _check_label("port name", port)
