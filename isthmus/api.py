@@ -21,6 +21,9 @@ from discovery.errors import Conflict, DiscoveryError, InvalidInput, NotFound, S
 from discovery.health import HealthChecker
 from discovery.names import ServiceKey
 from discovery.schema import parse_workload
+from federation.routing import ServiceRoute, TableHolder
+from federation.service import Federation
+from federation.trust import BootstrapTokens, TrustError
 from isthmus import __version__
 from isthmus.auth import TokenRegistry
 from isthmus.metrics import API_LATENCY, API_REQUESTS
@@ -52,8 +55,9 @@ class ApiContext:
     checker: HealthChecker | None
     tokens: TokenRegistry
     started: float
-    # Optional parts contributed by other packages as they are enabled.
-    extra_status: Callable[[], dict[str, Any]] | None = None
+    holder: TableHolder | None = None
+    federation: Federation | None = None
+    bootstrap_tokens: BootstrapTokens | None = None
 
 
 CTX: web.AppKey[ApiContext] = web.AppKey("isthmus_ctx", ApiContext)
@@ -196,13 +200,49 @@ async def wait_for_index(request: web.Request) -> int:
 
 
 def service_json(ctx: ApiContext, s: ServiceSummary) -> dict[str, Any]:
-    return {
+    """A service as the catalog has it, with what the routing table adds (remote clusters)."""
+    out: dict[str, Any] = {
         "name": s.service.name,
         "namespace": s.service.namespace,
         "vip": str(s.vip) if s.vip else None,
         "ports": s.ports,
         "clusters": {ctx.cluster: {"healthy": s.healthy, "total": s.total}},
     }
+    route = ctx.holder.current.get(s.service) if ctx.holder else None
+    if route is not None:
+        merge_route(out, route, ctx.cluster)
+    return out
+
+
+def merge_route(out: dict[str, Any], route: ServiceRoute, cluster: str) -> None:
+    out["vip"] = str(route.vip)
+    for d in route.destinations:
+        if d.cluster != cluster:
+            out["clusters"][d.cluster] = {"healthy": d.healthy, "total": d.total}
+    for name, port in route.ports.items():
+        out["ports"].setdefault(name, port)
+    out["cluster_vips"] = {c: str(v) for c, v in sorted(route.cluster_vips.items())}
+
+
+def all_services(ctx: ApiContext) -> list[dict[str, Any]]:
+    """Local services from the catalog, plus services only peers export (from the table)."""
+    local = ctx.catalog.services()
+    out = [service_json(ctx, s) for s in local]
+    if ctx.holder is not None:
+        seen = {s.service for s in local}
+        for key, route in ctx.holder.current.services.items():
+            if key not in seen:
+                remote = {
+                    "name": key.name,
+                    "namespace": key.namespace,
+                    "vip": None,
+                    "ports": {},
+                    "clusters": {},
+                }
+                merge_route(remote, route, ctx.cluster)
+                out.append(remote)
+        out.sort(key=lambda s: (s["namespace"], s["name"]))
+    return out
 
 
 def service_param(request: web.Request) -> ServiceKey | None:
@@ -272,20 +312,19 @@ async def heartbeat(request: web.Request) -> web.Response:
 async def list_services(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     index = await wait_for_index(request)
-    return json_response([service_json(ctx, s) for s in ctx.catalog.services()], index=index)
+    return json_response(all_services(ctx), index=index)
 
 
 async def get_service(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
-    try:
-        key = ServiceKey.parse(f"{request.match_info['name']}.{request.match_info['namespace']}")
-    except ValueError as e:
-        raise ApiError(400, str(e)) from None
+    key = _service_key(request)
     index = await wait_for_index(request)
-    summary = next((s for s in ctx.catalog.services() if s.service == key), None)
-    if summary is None:
-        raise ApiError(404, f"service {key} has no registered workloads")
-    out = service_json(ctx, summary)
+    out = next(
+        (s for s in all_services(ctx) if (s["name"], s["namespace"]) == (key.name, key.namespace)),
+        None,
+    )
+    if out is None:
+        raise ApiError(404, f"service {key} is not registered here nor exported by any peer")
     out["endpoints"] = {
         ctx.cluster: [
             {
@@ -300,7 +339,8 @@ async def get_service(request: web.Request) -> web.Response:
             for st in ctx.catalog.workloads(key)
         ]
     }
-    out["traffic"] = None  # no policy: default locality routing (DESIGN §5)
+    policy = ctx.federation.policies.get(key) if ctx.federation else None
+    out["traffic"] = policy.to_json() if policy else None  # None: default locality routing
     return json_response(out, index=index)
 
 
@@ -323,11 +363,79 @@ async def status(request: web.Request) -> web.Response:
             "workloads": sum(health_counts.values()),
             "health": health_counts,
         },
-        "services": [service_json(ctx, s) for s in ctx.catalog.services()],
+        "services": all_services(ctx),
+        "routing_table_version": ctx.holder.current.version if ctx.holder else None,
     }
-    if ctx.extra_status:
-        out.update(ctx.extra_status())
+    if ctx.federation is not None:
+        out["peers"] = [p.to_json() for p in ctx.federation.peers()]
+        out["policies"] = [p.to_json() for p in ctx.federation.policies.all(False)]
+        out["identity"] = (
+            str(ctx.federation.credentials.spiffe_id) if ctx.federation.credentials else None
+        )
     return json_response(out, index=ctx.catalog.index)
+
+
+def _federation(request: web.Request) -> Federation:
+    fed = request.app[CTX].federation
+    if fed is None:
+        raise ApiError(409, "this appliance runs no federation (control role)")
+    return fed
+
+
+def _service_key(request: web.Request) -> ServiceKey:
+    try:
+        return ServiceKey.parse(f"{request.match_info['name']}.{request.match_info['namespace']}")
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
+
+
+async def get_traffic(request: web.Request) -> web.Response:
+    key = _service_key(request)
+    policy = _federation(request).policies.get(key)
+    if policy is None:
+        raise ApiError(404, f"service {key} has no traffic policy (default locality routing)")
+    return json_response(policy.to_json())
+
+
+async def put_traffic(request: web.Request) -> web.Response:
+    key = _service_key(request)
+    body = await read_json(request)
+    policy = await _federation(request).set_policy(key, body)
+    return json_response(policy.to_json())
+
+
+async def delete_traffic(request: web.Request) -> web.Response:
+    key = _service_key(request)
+    fed = _federation(request)
+    if fed.policies.get(key) is None:
+        raise ApiError(404, f"service {key} has no traffic policy")
+    await fed.policies.reset(key)
+    return web.Response(status=204)
+
+
+async def list_peers(request: web.Request) -> web.Response:
+    return json_response([p.to_json() for p in _federation(request).peers()])
+
+
+async def create_bootstrap_token(request: web.Request) -> web.Response:
+    tokens = request.app[CTX].bootstrap_tokens
+    if tokens is None:
+        raise ApiError(409, "this appliance issues no identities (control role)")
+    body = await read_json(request) if request.can_read_body else {}
+    unknown = set(body) - {"ttl"}
+    if unknown:
+        f = sorted(unknown)[0]
+        raise ApiError(422, f"{f}: unknown field", f)
+    try:
+        ttl = parse_duration(body.get("ttl", "1h"))
+    except ValueError as e:
+        raise ApiError(422, f"ttl {body.get('ttl')!r}: {e}", "ttl") from None
+    try:
+        token, expires = tokens.create(ttl)
+    except (TrustError, ValueError) as e:
+        raise ApiError(422, f"ttl: {e}", "ttl") from None
+    log.info("bootstrap token created", extra={"expires": expires.isoformat()})
+    return json_response({"token": token, "expires": expires.isoformat()}, 201)
 
 
 def make_app(ctx: ApiContext, max_body: int = 1024 * 1024) -> web.Application:
@@ -343,4 +451,9 @@ def make_app(ctx: ApiContext, max_body: int = 1024 * 1024) -> web.Application:
     app.router.add_get("/v1/services", list_services)
     app.router.add_get("/v1/services/{namespace}/{name}", get_service)
     app.router.add_get("/v1/status", status)
+    app.router.add_get("/v1/services/{namespace}/{name}/traffic", get_traffic)
+    app.router.add_put("/v1/services/{namespace}/{name}/traffic", put_traffic)
+    app.router.add_delete("/v1/services/{namespace}/{name}/traffic", delete_traffic)
+    app.router.add_get("/v1/peers", list_peers)
+    app.router.add_post("/v1/bootstrap-tokens", create_bootstrap_token)
     return app

@@ -18,17 +18,27 @@ from discovery.catalog import Catalog
 from discovery.embedded import EmbeddedCatalog
 from discovery.errors import DiscoveryError
 from discovery.health import HealthChecker
+from discovery.model import Locality
+from dns.errors import DnsError
+from dns.server import DnsServer
+from federation.routing import TableHolder
+from federation.service import Federation
+from federation.trust import BootstrapTokens, IdentityIssuer, TrustError, issuance_app
+from gateway.ingress import Ingress, IngressConfig
 from isthmus import config as configmod
 from isthmus import logs
 from isthmus.api import ApiContext, make_app
 from isthmus.auth import TokenFileError, TokenRegistry, ensure_admin_token, read_token
 from isthmus.config import Config, ConfigError, split_host_port
+from isthmus.identity import IdentityError, NodeTrust, ensure_local_pki, load_node_trust
 from isthmus.metrics import CATALOGS
 
 log = logging.getLogger(__name__)
 
 # Roles this build can run; others are refused at start-up with a clear message.
-AVAILABLE_ROLES = frozenset({"control"})
+AVAILABLE_ROLES = frozenset({"control", "dns", "ingress"})
+# Roles that read the routing table, which this build computes on the control node itself.
+NEEDS_CONTROL = frozenset({"dns", "ingress", "egress"})
 
 
 class StartupError(Exception):
@@ -41,6 +51,15 @@ class Appliance:
         self.config_path = config_path
         self.catalog: Catalog | None = None
         self.checker: HealthChecker | None = None
+        self.holder = TableHolder()
+        self.trust: NodeTrust | None = None
+        self.federation: Federation | None = None
+        self.dns: DnsServer | None = None
+        self.ingress: Ingress | None = None
+        self.bootstrap_tokens: BootstrapTokens | None = None
+        self.control_address: tuple[str, int] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.builtin_default = config_path is None
         self.tokens = TokenRegistry()
         self._runners: list[web.AppRunner] = []
         self._monitor: Any = None
@@ -57,11 +76,17 @@ class Appliance:
     # start -----------------------------------------------------------------------------------
     async def start(self) -> None:
         cfg = self.config
-        missing = [r for r in cfg.roles if r not in AVAILABLE_ROLES]
+        roles = set(cfg.roles)
+        missing = sorted(roles - AVAILABLE_ROLES)
         if missing:
             raise StartupError(
                 f"roles: {missing} are not available in this build yet "
                 f"(available: {sorted(AVAILABLE_ROLES)})"
+            )
+        if roles & NEEDS_CONTROL and "control" not in roles:
+            raise StartupError(
+                f"roles: {sorted(roles & NEEDS_CONTROL)} need 'control' on the same node in "
+                "this build (the routing table is computed there)"
             )
         if cfg.discovery.backend != "embedded":
             raise StartupError(
@@ -73,6 +98,7 @@ class Appliance:
         except OSError as e:
             raise StartupError(f"data_dir: cannot create {data_dir}: {e.strerror}") from None
         self._load_tokens()
+        self._load_trust()
         catalog = EmbeddedCatalog(data_dir, cfg.cluster, cfg.egress.vip_cidr)
         try:
             await catalog.open()
@@ -83,6 +109,26 @@ class Appliance:
         await self._sync_static_workloads()
         self.checker = HealthChecker(catalog, max_concurrent=cfg.discovery.max_concurrent_checks)
         await self.checker.start()
+        public = cfg.ingress.public_address
+        if public is None and "ingress" in roles:
+            public = cfg.ingress.listen  # fine on loopback; set it for anything public
+        self.federation = Federation(
+            cluster=cfg.cluster,
+            trust_domain=cfg.trust_domain,
+            locality=Locality(cfg.locality.region, cfg.locality.zone),
+            data_dir=data_dir,
+            catalog=catalog,
+            holder=self.holder,
+            peers=[(p.cluster, p.address) for p in cfg.federation.peers],
+            export=cfg.federation.export,
+            public_address=public,
+            credentials=self.trust.credentials if self.trust else None,
+        )
+        try:
+            await self.federation.start()
+        except DiscoveryError as e:
+            raise StartupError(str(e)) from None
+        self.bootstrap_tokens = BootstrapTokens(data_dir)
 
         ctx = ApiContext(
             cluster=cfg.cluster,
@@ -93,10 +139,47 @@ class Appliance:
             checker=self.checker,
             tokens=self.tokens,
             started=self.started,
+            holder=self.holder,
+            federation=self.federation,
+            bootstrap_tokens=self.bootstrap_tokens,
         )
         self.api_address = await self._serve(make_app(ctx, cfg.api.max_body), cfg.api.listen)
         if cfg.metrics.enabled:
             self.metrics_address = await self._serve(metrics_app(), cfg.metrics.listen)
+        if self.trust is not None and self.trust.authority is not None:
+            issuer = IdentityIssuer(
+                self.trust.authority, self.bootstrap_tokens, lambda: self.trust.credentials.bundle
+            )
+            self.control_address = await self._serve(
+                issuance_app(issuer),
+                cfg.control.listen,
+                ssl=self.trust.credentials.listener_context(require_client_cert=False),
+            )
+        if "ingress" in roles:
+            assert self.trust is not None
+            host, port = split_host_port(cfg.ingress.listen)
+            self.ingress = Ingress(
+                IngressConfig(host=host, port=port),
+                self.holder,
+                self.trust.credentials,
+                on_federation=self.federation.feed_server.handle,
+            )
+            try:
+                await self.ingress.start()
+            except OSError as e:
+                raise StartupError(f"cannot listen on {cfg.ingress.listen}: {e.strerror}") from None
+        if "dns" in roles:
+            try:
+                self.dns = DnsServer(
+                    cfg.dns.corefile, cfg.dns.listen, self.holder, base_dir=str(data_dir)
+                )
+                await self.dns.start()
+            except DnsError as e:
+                raise StartupError(f"dns: {e}") from None
+            except OSError as e:
+                raise StartupError(f"cannot listen on {cfg.dns.listen}: {e.strerror}") from None
+        if self.trust is not None:
+            self._tasks.append(asyncio.create_task(self.trust.manager.run(), name="identity"))
         if cfg.monitor.enabled:
             self._start_monitor()
         log.info(
@@ -107,8 +190,25 @@ class Appliance:
                 "roles": cfg.roles,
                 "api": self.api_url,
                 "data_dir": str(data_dir),
+                "identity": str(self.trust.credentials.spiffe_id) if self.trust else None,
             },
         )
+
+    def _load_trust(self) -> None:
+        cfg = self.config
+        if self.builtin_default:
+            ensure_local_pki(cfg)
+        required = bool({"ingress", "egress"} & set(cfg.roles)) or bool(cfg.federation.peers)
+        if not required and not Path(cfg.trust.bundle).exists():
+            log.info(
+                "no trust bundle: running without mTLS (no peers, no gateways)",
+                extra={"bundle": cfg.trust.bundle},
+            )
+            return
+        try:
+            self.trust = load_node_trust(cfg)
+        except (IdentityError, TrustError, OSError) as e:
+            raise StartupError(str(e)) from None
 
     def _load_tokens(self) -> None:
         registry = TokenRegistry()
@@ -120,13 +220,13 @@ class Appliance:
             raise StartupError(f"api: {e}") from None
         self.tokens.__dict__.update(registry.__dict__)  # swap in place: the API holds this object
 
-    async def _serve(self, app: web.Application, listen: str) -> tuple[str, int]:
+    async def _serve(self, app: web.Application, listen: str, ssl: Any = None) -> tuple[str, int]:
         host, port = split_host_port(listen)
         runner = web.AppRunner(
             app, access_log=None, shutdown_timeout=self.config.drain_timeout, handle_signals=False
         )
         await runner.setup()
-        site = web.TCPSite(runner, host, port, reuse_address=True)
+        site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl)
         try:
             await site.start()
         except OSError as e:
@@ -209,11 +309,20 @@ class Appliance:
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (bounded), flush the store."""
         log.info("draining", extra={"timeout": self.config.drain_timeout})
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.ingress is not None:
+            await self.ingress.close(drain=self.config.drain_timeout)
+        if self.dns is not None:
+            await self.dns.stop()
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
         if self._monitor is not None:
             self._monitor.close()
+        if self.federation is not None:
+            await self.federation.stop()
         if self.checker is not None:
             await self.checker.stop()
         if self.catalog is not None:

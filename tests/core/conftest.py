@@ -35,6 +35,10 @@ def free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
+TRUST_FILES = {"bundle": "bundle.pem", "ca_cert": "cluster-ca.pem", "ca_key": "cluster-ca.key",
+               "cert": "node.pem", "key": "node.key"}
+
+
 def make_config(tmp: Path, **overrides: Any) -> dict[str, Any]:
     host = loopback_host()
     raw: dict[str, Any] = {
@@ -46,6 +50,8 @@ def make_config(tmp: Path, **overrides: Any) -> dict[str, Any]:
         "api": {"listen": f"{host}:{free_port(host)}", "token_file": str(tmp / "api-token")},
         "metrics": {"listen": f"{host}:{free_port(host)}"},
         "log": {"format": "json", "level": "info"},
+        # never the machine's /etc/isthmus: every test has its own (possibly empty) PKI dir
+        "trust": {k: str(tmp / "pki" / f) for k, f in TRUST_FILES.items()},
     }
     for k, v in overrides.items():
         if isinstance(v, dict) and isinstance(raw.get(k), dict):

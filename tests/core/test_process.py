@@ -140,6 +140,7 @@ def test_a_busy_port_is_a_clear_start_up_error(tmp_path: Path) -> None:
                     "data_dir": str(tmp_path / "d"),
                     "api": {"listen": f"{host}:{port}", "token_file": str(tmp_path / "tok")},
                     "metrics": {"enabled": False},
+                    "trust": {"bundle": str(tmp_path / "no-bundle.pem")},
                 }
             )
         )

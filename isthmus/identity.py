@@ -1,0 +1,131 @@
+"""The node's place in the shared root of trust: its cluster CA (control nodes), its identity,
+and the renewal task that keeps that identity fresh."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from federation.trust import (
+    CertificateAuthority,
+    Identity,
+    IdentityManager,
+    LocalRenewer,
+    RemoteRenewer,
+    TlsCredentials,
+    TrustBundle,
+    TrustError,
+    create_cluster_ca,
+    create_root,
+    issue_identity,
+)
+from federation.trust.pemfiles import (
+    load_bundle,
+    load_ca,
+    load_identity,
+    write_bundle,
+    write_certs,
+    write_identity,
+    write_key,
+)
+from federation.trust.renewal import IdentityFiles
+from federation.trust.spiffe import Kind
+from isthmus.config import Config
+
+log = logging.getLogger(__name__)
+
+
+class IdentityError(Exception):
+    pass
+
+
+@dataclass
+class NodeTrust:
+    credentials: TlsCredentials
+    manager: IdentityManager
+    authority: CertificateAuthority | None  # the cluster CA, on nodes that hold its key
+
+
+def ensure_local_pki(cfg: Config) -> None:
+    """For the built-in default only: a root and a cluster CA of its own under data_dir/pki,
+    so `isthmus run` with no config has working mTLS. Never touches existing files."""
+    bundle = Path(cfg.trust.bundle)
+    if bundle.exists():
+        return
+    pki = bundle.parent
+    root = create_root(cfg.trust_domain)
+    ca = create_cluster_ca(root, cfg.cluster)
+    write_key(pki / "root-ca.key", root.key)
+    write_certs(pki / "root-ca.pem", [root.cert])
+    write_key(Path(cfg.trust.ca_key), ca.key)
+    write_certs(Path(cfg.trust.ca_cert), [ca.cert])
+    write_bundle(bundle, TrustBundle.of([root.cert]))
+    log.info("created a local PKI for the built-in default", extra={"dir": str(pki)})
+
+
+def _usable(identity: Identity, cfg: Config, kind: Kind, now: dt.datetime) -> str | None:
+    """Why the identity on disk cannot be used as this node's, or None."""
+    sid = identity.spiffe_id
+    if sid.trust_domain != cfg.trust_domain or sid.cluster != cfg.cluster:
+        return f"it is {sid}, not an identity of cluster {cfg.cluster} in {cfg.trust_domain}"
+    if sid.node != cfg.node or sid.kind is not kind:
+        return f"it is {sid}, not {kind.value} {cfg.node}"
+    if identity.not_after <= now:
+        return f"it expired at {identity.not_after.isoformat()}"
+    return None
+
+
+def load_node_trust(cfg: Config, kind: Kind = Kind.GATEWAY) -> NodeTrust:
+    t = cfg.trust
+    try:
+        bundle = load_bundle(Path(t.bundle))
+    except TrustError as e:
+        raise IdentityError(
+            f"trust.bundle: {e} (create a PKI with `isthmus ca init`, see docs/trust.md)"
+        ) from None
+    authority = None
+    if Path(t.ca_cert).exists() and Path(t.ca_key).exists():
+        try:
+            authority = load_ca(Path(t.ca_cert), Path(t.ca_key))
+        except TrustError as e:
+            raise IdentityError(f"trust.ca_cert/ca_key: {e}") from None
+        if authority.spiffe_id.cluster != cfg.cluster:
+            raise IdentityError(
+                f"trust.ca_cert: the CA is cluster {authority.spiffe_id.cluster!r}'s, "
+                f"this node is in {cfg.cluster!r}"
+            )
+    now = dt.datetime.now(dt.UTC)
+    identity = None
+    problem = "no identity in trust.cert/trust.key"
+    if Path(t.cert).exists() and Path(t.key).exists():
+        try:
+            identity = load_identity(Path(t.cert), Path(t.key))
+            problem = _usable(identity, cfg, kind, now) or ""
+        except TrustError as e:
+            problem = str(e)
+        if problem:
+            identity = None
+    if identity is None:
+        if authority is None:
+            raise IdentityError(
+                f"trust.cert: {problem}, and no cluster CA key to issue one (issue it with "
+                "`isthmus ca issue`, or configure trust.ca_cert/ca_key)"
+            )
+        identity = issue_identity(authority, kind, cfg.node)
+        write_identity(Path(t.cert), Path(t.key), identity, force=True)
+        log.info("issued this node's identity", extra={"spiffe_id": str(identity.spiffe_id),
+                                                       "reason": problem})
+    credentials = TlsCredentials(identity, bundle, trust_domain=cfg.trust_domain)
+    files = IdentityFiles(Path(t.cert), Path(t.key), Path(t.bundle))
+    if authority is not None:
+        renewer: LocalRenewer | RemoteRenewer = LocalRenewer(authority)
+    elif cfg.agent.control:
+        renewer = RemoteRenewer(cfg.agent.control, lambda: credentials.bundle)
+    else:
+        raise IdentityError(
+            "trust: this node holds no cluster CA key and has no agent.control to renew its "
+            "identity from"
+        )
+    return NodeTrust(credentials, IdentityManager(credentials, renewer, files=files), authority)
