@@ -66,9 +66,7 @@ class HttpConfig:
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
-    return {
-        t.strip().lower() for v in headers.getall("Connection", ()) for t in v.split(",")
-    }
+    return {t.strip().lower() for v in headers.getall("Connection", ()) for t in v.split(",")}
 
 
 def clean_request_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
@@ -246,8 +244,10 @@ class HttpProxy:
                     upstream.release()
                     raise _Retry(Outcome.HTTP_5XX, status, f"upstream answered {status}")
             length = upstream.content_length
-            inline = request.method == "HEAD" or status in (204, 304) or (
-                length is not None and length <= INLINE_BODY
+            inline = (
+                request.method == "HEAD"
+                or status in (204, 304)
+                or (length is not None and length <= INLINE_BODY)
             )
             data = b""
             if inline and request.method != "HEAD":

@@ -53,7 +53,7 @@ class PoolConfig:
 
 
 def split_host_port(address: str) -> tuple[str, int]:
-    """"host:port" or "[v6]:port" -> (host, port)."""
+    """ "host:port" or "[v6]:port" -> (host, port)."""
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit():
         raise ValueError(f"{address!r} is not host:port")

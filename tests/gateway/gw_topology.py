@@ -123,8 +123,9 @@ class Backend:
     @property
     def endpoint(self) -> Endpoint:
         return Endpoint(
-            f"{self.cluster}-{self.name}", self.address, {"http": self.http_port,
-                                                         "tcp": self.tcp_port}
+            f"{self.cluster}-{self.name}",
+            self.address,
+            {"http": self.http_port, "tcp": self.tcp_port},
         )
 
 
@@ -135,12 +136,7 @@ class Cluster:
     ingress: Ingress | None = None
     ingress_holder: TableHolder = field(default_factory=TableHolder)
     credentials: TlsCredentials | None = None
-
-    @property
-    def gateway(self) -> str:
-        assert self.ingress is not None
-        host, port = self.ingress.address
-        return f"{host}:{port}"
+    gateway: str = ""  # the ingress "host:port", kept after it closes
 
     def local_destination(self, weight: int = 0) -> Destination:
         eps = tuple(b.endpoint for b in self.backends)
@@ -157,7 +153,9 @@ class Topology:
     holder: TableHolder
     version: int = 1
 
-    def east_table(self, east_weight: int = 0, west_weight: int = 0, **route: object) -> RoutingTable:
+    def east_table(
+        self, east_weight: int = 0, west_weight: int = 0, **route: object
+    ) -> RoutingTable:
         """East's view: its endpoints and west's ingress (gateways) for reviews."""
         self.version += 1
         west = self.west
@@ -198,6 +196,8 @@ async def start_cluster(name: str, pki: Pki, identity: Identity, n_backends: int
         cluster.credentials,  # type: ignore[arg-type]
     )
     await cluster.ingress.start()
+    host, port = cluster.ingress.address
+    cluster.gateway = f"{host}:{port}"
     return cluster
 
 
