@@ -7,7 +7,6 @@ import asyncio
 import datetime as dt
 import logging
 import ssl
-from collections.abc import Callable
 
 import pytest
 from cryptography import x509
@@ -241,5 +240,3 @@ def test_key_usage_cases_are_what_they_claim(pki, forge) -> None:
     assert ExtendedKeyUsageOID.CLIENT_AUTH in eku
     assert ident.cert.extensions.get_extension_for_class(x509.KeyUsage).value.digital_signature
 
-
-_ = Callable  # typing helper kept for fixture annotations in this module
