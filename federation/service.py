@@ -100,11 +100,15 @@ class Federation:
                 extra={"peers": sorted(self.peer_addresses)},
             )
 
+    async def close_links(self) -> None:
+        """End every peering stream, ours and our subscribers'."""
+        await aclose_all(self.links)
+        await self.feed_server.close()
+
     async def stop(self) -> None:
         for u in self._unsubscribe:
             u()
-        await aclose_all(self.links)
-        await self.feed_server.close()
+        await self.close_links()
         await self.builder.stop()
         await self.policies.close()
 

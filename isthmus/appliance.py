@@ -312,6 +312,9 @@ class Appliance:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.federation is not None:
+            # peering streams never end by themselves: close them before draining the ingress
+            await self.federation.close_links()
         if self.ingress is not None:
             await self.ingress.close(drain=self.config.drain_timeout)
         if self.dns is not None:

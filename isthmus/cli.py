@@ -116,6 +116,67 @@ def cmd_deregister(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- traffic, tokens --------------------------------------------------------------------------
+
+
+def _service_path(text: str) -> str:
+    from discovery.names import ServiceKey
+
+    try:
+        key = ServiceKey.parse(text)
+    except ValueError as e:
+        raise ClientError(str(e)) from None
+    return f"/v1/services/{key.namespace}/{key.name}/traffic"
+
+
+def render_policy(p: dict[str, Any]) -> str:
+    weights = " ".join(f"{c}={w}" for c, w in sorted(p["weights"].items()))
+    total = sum(p["weights"].values()) or 1
+    shares = ", ".join(f"{c} {w * 100 / total:.0f}%" for c, w in sorted(p["weights"].items()))
+    return (
+        f"{p['service']}.{p['namespace']}: {weights} ({shares}); failover "
+        f"{'on' if p['failover'] else 'off'}; version {p['version']}"
+    )
+
+
+def cmd_traffic_set(args: argparse.Namespace) -> int:
+    weights: dict[str, Any] = {}
+    for cluster, weight in _pairs(args.weights, "weight").items():
+        try:
+            weights[cluster] = int(weight)
+        except ValueError:
+            raise ClientError(
+                f"{cluster}={weight}: expected CLUSTER=WEIGHT with an integer"
+            ) from None
+    body = {"weights": weights, "failover": not args.no_failover}
+    print(render_policy(_client(args).request("PUT", _service_path(args.service), body)))
+    return 0
+
+
+def cmd_traffic_show(args: argparse.Namespace) -> int:
+    client = _client(args)
+    try:
+        print(render_policy(client.request("GET", _service_path(args.service))))
+    except ClientError as e:
+        if " 404 " not in str(e):
+            raise
+        print(f"{args.service}: no traffic policy (default locality routing)")
+    return 0
+
+
+def cmd_traffic_reset(args: argparse.Namespace) -> int:
+    _client(args).request("DELETE", _service_path(args.service))
+    print(f"{args.service}: back to default locality routing")
+    return 0
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    out = _client(args).request("POST", "/v1/bootstrap-tokens", {"ttl": args.ttl})
+    print(out["token"])
+    print(f"expires {out['expires']} (single use)", file=sys.stderr)
+    return 0
+
+
 # --- status ---------------------------------------------------------------------------------------
 
 
@@ -151,6 +212,23 @@ def render_status(status: dict[str, Any], workloads: list[dict[str, Any]]) -> st
                 ]
             )
     lines.append(table(rows) if len(rows) > 1 else "no services registered")
+    if status.get("peers"):
+        lines.append("")
+        prow = [["PEER", "ADDRESS", "STATE", "LAST SYNC", "SERVICES"]]
+        for p in status["peers"]:
+            prow.append(
+                [
+                    p["cluster"],
+                    p["address"],
+                    p["state"],
+                    p["last_sync"] or "never",
+                    str(len(p["services"])),
+                ]
+            )
+        lines.append(table(prow))
+    if status.get("policies"):
+        lines.append("")
+        lines.extend("traffic " + render_policy(p) for p in status["policies"])
     if workloads:
         lines.append("")
         wrows = [["WORKLOAD", "SERVICE", "ADDRESS", "CHECK", "HEALTH"]]
@@ -227,6 +305,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="raw JSON instead of tables")
     _api_args(p)
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("traffic", help="shift traffic between clusters")
+    tsub = p.add_subparsers(dest="traffic_command", required=True, metavar="ACTION")
+    t = tsub.add_parser("set", help="set weights: NAME.NAMESPACE CLUSTER=WEIGHT...")
+    t.add_argument("service", metavar="NAME.NAMESPACE")
+    t.add_argument("weights", nargs="+", metavar="CLUSTER=WEIGHT")
+    t.add_argument(
+        "--no-failover",
+        action="store_true",
+        help="fail requests to a cluster with no healthy capacity",
+    )
+    _api_args(t)
+    t.set_defaults(func=cmd_traffic_set)
+    t = tsub.add_parser("show", help="the service's policy")
+    t.add_argument("service", metavar="NAME.NAMESPACE")
+    _api_args(t)
+    t.set_defaults(func=cmd_traffic_show)
+    t = tsub.add_parser("reset", help="back to default locality routing")
+    t.add_argument("service", metavar="NAME.NAMESPACE")
+    _api_args(t)
+    t.set_defaults(func=cmd_traffic_reset)
+
+    p = sub.add_parser("token", help="bootstrap tokens for agents")
+    tsub = p.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    t = tsub.add_parser("create", help="a one-time token for an agent's first identity")
+    t.add_argument("--ttl", default="1h", type=_duration_arg)
+    _api_args(t)
+    t.set_defaults(func=cmd_token_create)
 
     for extension in _extensions():
         extension(sub)

@@ -1,11 +1,11 @@
 """`isthmus ca ...`: an operator's offline CA (DESIGN §7). File layout: federation.trust.layout.
 
-    isthmus ca init --trust-domain TD --dir DIR          root CA + bundle
-    isthmus ca cluster --cluster NAME --dir DIR          a cluster's intermediate CA
-    isthmus ca issue --cluster NAME --node NODE [--kind gateway|agent] --dir DIR
-    isthmus ca show FILE                                 what a certificate says
-    isthmus ca rotate-root --dir DIR                     new root, both roots in the bundle
-    isthmus ca retire-root --dir DIR                     bundle back to the current root only
+isthmus ca init --trust-domain TD --dir DIR          root CA + bundle
+isthmus ca cluster --cluster NAME --dir DIR          a cluster's intermediate CA
+isthmus ca issue --cluster NAME --node NODE [--kind gateway|agent] --dir DIR
+isthmus ca show FILE                                 what a certificate says
+isthmus ca rotate-root --dir DIR                     new root, both roots in the bundle
+isthmus ca retire-root --dir DIR                     bundle back to the current root only
 """
 
 from __future__ import annotations
