@@ -239,4 +239,3 @@ def test_key_usage_cases_are_what_they_claim(pki, forge) -> None:
     eku = ident.cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert ExtendedKeyUsageOID.CLIENT_AUTH in eku
     assert ident.cert.extensions.get_extension_for_class(x509.KeyUsage).value.digital_signature
-
