@@ -46,7 +46,9 @@ class StartupError(Exception):
 
 
 class Appliance:
-    def __init__(self, config: Config, config_path: str | None = None) -> None:
+    def __init__(
+        self, config: Config, config_path: str | None = None, *, builtin_default: bool = False
+    ) -> None:
         self.config = config
         self.config_path = config_path
         self.catalog: Catalog | None = None
@@ -59,7 +61,7 @@ class Appliance:
         self.bootstrap_tokens: BootstrapTokens | None = None
         self.control_address: tuple[str, int] | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self.builtin_default = config_path is None
+        self.builtin_default = builtin_default  # may create its own PKI under data_dir
         self.tokens = TokenRegistry()
         self._runners: list[web.AppRunner] = []
         self._monitor: Any = None
@@ -298,7 +300,9 @@ class Appliance:
         try:
             self._load_tokens()
             await self._sync_static_workloads()
-        except (StartupError, DiscoveryError) as e:
+            if self.trust is not None:
+                self.trust.manager.reload_bundle()  # a root rotation step, see docs/trust.md
+        except (StartupError, DiscoveryError, TrustError) as e:
             self.config = old
             log.error("reload failed, keeping the running config", extra={"error": str(e)})
             return False
@@ -347,7 +351,7 @@ def metrics_app() -> web.Application:
 
 async def serve(config: Config, config_path: str | None) -> int:
     """Run until SIGTERM/SIGINT; SIGHUP reloads."""
-    appliance = Appliance(config, config_path)
+    appliance = Appliance(config, config_path, builtin_default=config_path is None)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -66,7 +66,6 @@ class Cluster:
 
     async def start(self) -> None:
         self.app = Appliance(configmod.validate(self.config()), None)
-        self.app.builtin_default = False
         await self.app.start()
         if self.http is None:
             self.http = aiohttp.ClientSession()
