@@ -10,6 +10,7 @@ the peer links, wired to each other.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 from collections.abc import Sequence
@@ -125,7 +126,7 @@ class Federation:
 
     def _on_policy(self, policy: TrafficPolicy) -> None:
         self.feed.set_policy(str(policy.service), policy.to_json())
-        self.builder.invalidate()
+        self.builder.invalidate({policy.service})
 
     async def _on_peer(self, state: PeerState, msg: dict[str, Any]) -> None:
         assert state.feed is not None
@@ -135,8 +136,16 @@ class Federation:
             except (ValueError, InvalidInput) as e:
                 raise FeedError(f"policy from {state.cluster}: {e}") from None
             await self.policies.merge(policy)
+        previous = self.imports.feeds.get(state.cluster)
         self.imports.feeds[state.cluster] = (state.address, state.feed)
-        self.builder.invalidate()
+        if msg.get("type") == "delta" and previous is not None and "gateways" not in msg:
+            keys = set()
+            for name in msg.get("services", {}):
+                with contextlib.suppress(ValueError):
+                    keys.add(ServiceKey.parse(name))
+            self.builder.invalidate(keys)
+        else:
+            self.builder.invalidate()
 
     # -- API -----------------------------------------------------------------------------------
     async def set_policy(self, service: ServiceKey, body: object) -> TrafficPolicy:

@@ -24,7 +24,14 @@ from discovery.model import Health, Locality, WorkloadState
 from discovery.names import ServiceKey
 from federation.feed import FeedState
 from federation.policy import PolicyStore
-from federation.routing import Destination, Endpoint, RoutingTable, ServiceRoute, TableHolder
+from federation.routing import (
+    Destination,
+    Endpoint,
+    IPAddress,
+    RoutingTable,
+    ServiceRoute,
+    TableHolder,
+)
 
 PRIORITY_LOCAL, PRIORITY_REGION, PRIORITY_OTHER = 0, 1, 2
 
@@ -115,15 +122,19 @@ class TableBuilder:
         self._local: dict[ServiceKey, tuple[dict[str, int], Destination]] = {}
         self._routes: dict[ServiceKey, ServiceRoute] = {}
         self._recompose_all = True
+        self._recompose: set[ServiceKey] = set()
         self._owner: dict[str, ServiceKey] = {}  # workload id -> service, as last built
         self._version = holder.current.version
         self._dirty = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._unsubscribe: Callable[[], None] | None = None
 
-    def invalidate(self) -> None:
-        """Peers or policies changed: recompose every route on the next rebuild."""
-        self._recompose_all = True
+    def invalidate(self, keys: set[ServiceKey] | None = None) -> None:
+        """Peers or policies changed: recompose these routes (None: every route) next."""
+        if keys is None:
+            self._recompose_all = True
+        else:
+            self._recompose |= keys
         self._dirty.set()
 
     async def start(self) -> None:
@@ -185,8 +196,11 @@ class TableBuilder:
                         remote_keys.add(ServiceKey.parse(name))
             policy_keys = {p.service for p in self.policies.all()} if self.policies else set()
             keys = set(self._local) | remote_keys | set(self._routes) | policy_keys
+        keys |= self._recompose
+        self._recompose = set()
+        await self._allocate_vips(keys)
         for key in keys:
-            route = await self._compose(key)
+            route = self._compose(key)
             if route is None:
                 self._routes.pop(key, None)
             else:
@@ -200,7 +214,28 @@ class TableBuilder:
         self.holder.publish(table)
         return table
 
-    async def _compose(self, key: ServiceKey) -> ServiceRoute | None:
+    async def _allocate_vips(self, keys: set[ServiceKey]) -> None:
+        """Every VIP these routes need, allocated at once: the catalog commits them together."""
+        wanted = []
+        for key in keys:
+            name = str(key)
+            clusters = {self.cluster} if key in self._local else set()
+            for peer, (_, feed) in self.imports.feeds.items():
+                if name in feed.services:
+                    clusters.add(peer)
+            if clusters:
+                wanted.append(name)
+                wanted.extend(f"{name}.{c}" for c in clusters)
+        missing = [k for k in wanted if self.catalog.known_vip(k) is None]
+        if missing:
+            await asyncio.gather(*(self.catalog.vip(k) for k in missing))
+
+    def _vip(self, name: str) -> IPAddress:
+        vip = self.catalog.known_vip(name)
+        assert vip is not None, f"no VIP allocated for {name}"
+        return vip
+
+    def _compose(self, key: ServiceKey) -> ServiceRoute | None:
         dests: list[Destination] = []
         ports: dict[str, int] = {}
         local = self._local.get(key)
@@ -225,13 +260,8 @@ class TableBuilder:
             dests = [replace(d, weight=weights.get(d.cluster, 0)) for d in dests]
             failover, version = policy.failover, str(policy.stamp)
         dests.sort(key=lambda d: (d.priority, d.cluster))
-        vip = self.catalog.known_vip(name) or await self.catalog.vip(name)
-        cluster_vips = {}
-        for d in dests:
-            pinned = f"{name}.{d.cluster}"
-            cluster_vips[d.cluster] = self.catalog.known_vip(pinned) or await self.catalog.vip(
-                pinned
-            )
+        vip = self._vip(name)
+        cluster_vips = {d.cluster: self._vip(f"{name}.{d.cluster}") for d in dests}
         return ServiceRoute(
             service=key,
             vip=vip,
