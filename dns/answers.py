@@ -40,14 +40,15 @@ def soa_rdata(
 class Answer:
     """A reply body plus its four possible header tails (RD copied from the query, +OPT)."""
 
-    __slots__ = ("_heads", "rcode", "rest")
+    __slots__ = ("heads", "rcode", "rest")
 
     def __init__(self, flags: int, an: int, ns: int, ar: int, rest: bytes) -> None:
         self.rcode = flags & 0x0F
         self.rest = rest
         base = flags & ~RD
         # Index: bit 0 = query RD, bit 1 = query had EDNS (one more additional record: OPT).
-        self._heads = (
+        # Each head is the 10 header bytes after the ID (flags and the four counts).
+        self.heads = (
             _TAIL.pack(base, 1, an, ns, ar),
             _TAIL.pack(base | RD, 1, an, ns, ar),
             _TAIL.pack(base, 1, an, ns, ar + 1),
@@ -55,8 +56,12 @@ class Answer:
         )
 
     def render(self, req: Request) -> bytes:
-        head = self._heads[req.rd | (2 if req.edns else 0)]
+        head = self.heads[req.rd | (2 if req.edns else 0)]
         return req.wire[:2] + head + req.question + self.rest + req.opt
+
+    def body(self, now: float) -> bytes:
+        """Everything after the question (without OPT) as of `now` (monotonic seconds)."""
+        return self.rest
 
 
 def authoritative(rcode: int, an: list[bytes], ns: list[bytes], ar: list[bytes]) -> Answer:
@@ -100,6 +105,10 @@ class CachedAnswer(Answer):
         self.prefetching = False
 
     def render_at(self, req: Request, now: float) -> bytes:
+        head = self.heads[req.rd | (2 if req.edns else 0)]
+        return req.wire[:2] + head + req.question + self.body(now) + req.opt
+
+    def body(self, now: float) -> bytes:
         elapsed = int(now - self.stored)
         if elapsed != self._memo_second:
             buf = bytearray(self.rest)
@@ -107,8 +116,7 @@ class CachedAnswer(Answer):
                 struct.pack_into(">I", buf, off, max(ttl - elapsed, 0))
             self._memo_rest = bytes(buf)
             self._memo_second = elapsed
-        head = self._heads[req.rd | (2 if req.edns else 0)]
-        return req.wire[:2] + head + req.question + self._memo_rest + req.opt
+        return self._memo_rest
 
     def remaining(self, now: float) -> float:
         return self.expires - now

@@ -12,13 +12,14 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol
 
 from discovery.durations import parse_duration
 from dns.corefile import Directive, ServerBlock, Token
 from dns.wire import FORMERR, NOTIMP, REFUSED, SERVFAIL, Request, error_reply
 
 if TYPE_CHECKING:
+    from dns.answers import Answer
     from dns.httpsvc import HttpEndpoints
     from federation.routing import TableHolder
 
@@ -43,6 +44,25 @@ WRITTEN = -2  # an error reply was written on the plugin's behalf
 CLIENT_ERRORS = frozenset({SERVFAIL, REFUSED, FORMERR, NOTIMP})
 
 
+class Pass:
+    """`Plugin.fast_answer`'s "not mine, ask the next plugin" (a cache miss)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "PASS"
+
+
+PASS: Final = Pass()
+
+# How a plugin takes part in the UDP fast path (dns.fastpath), which answers a query from
+# pre-encoded bytes without building a Request or walking the chain:
+#   "opaque"       it must see every query: the fast path stops here and the full chain runs;
+#   "transparent"  it does nothing to a query that is answered (errors): skipped;
+#   "answers"      fast_answer() says from the lookup key alone: an Answer, PASS or None.
+FAST_OPAQUE, FAST_TRANSPARENT, FAST_ANSWERS = "opaque", "transparent", "answers"
+
+
 class Writer(Protocol):
     def write(self, reply: bytes) -> None: ...
 
@@ -58,6 +78,7 @@ class Plugin:
 
     name: ClassVar[str] = ""
     in_chain: ClassVar[bool] = True  # False for plugins that only run a side service
+    fast_role: str = FAST_OPAQUE  # a class default; an instance may narrow it (cache zones)
 
     def __init__(self) -> None:
         self.next: Handler | None = None
@@ -74,6 +95,24 @@ class Plugin:
     def ready(self) -> bool:
         """Readiness as reported by the `ready` plugin."""
         return True
+
+    def fast_answer(self, key: bytes, now: float) -> Answer | Pass | None:
+        """For fast_role "answers": the answer to the query with `Request.key` `key`, PASS
+        when the next plugin would be asked, None when only the full chain can tell. It has
+        the side effects of answering (hit counters) but not those of passing (see below)."""
+        return None
+
+    def fast_stamp(self) -> object | None:
+        """For fast_role "answers": an object that is replaced whenever the answers this
+        plugin gives may change (global: its index), or None when they change by themselves
+        (cache: TTLs count down). With a stamp, the fast path may replay a whole reply to a
+        byte-identical query for as long as the stamp is the same object."""
+        return None
+
+    def fast_passed(self) -> None:
+        """The fast path passed a query on (PASS) and a later plugin answered it: count it as
+        `serve` would have (done only then, so a query the full chain ends up serving after
+        all is never counted twice)."""
 
 
 def write_error(req: Request, w: Writer, rcode: int) -> None:

@@ -25,7 +25,7 @@ from dns.defaults import RESOLV_CONF, default_corefile
 from dns.errors import CorefileError
 from dns.httpsvc import HttpEndpoints
 from dns.plugin import Handler, Plugin, Setup, Writer, build_chain
-from dns.transport import ListenError, Mux, TcpServer, UdpProtocol, make_socket
+from dns.transport import ListenError, Mux, TcpServer, UdpServer, make_socket
 from dns.wire import SERVFAIL, Request
 from federation.routing import TableHolder
 
@@ -67,7 +67,7 @@ class _Listener:
     bound: int  # as bound
     sockets: list[socket.socket]
     mux: Mux | None = None
-    transports: list[asyncio.BaseTransport] | None = None
+    udp: list[UdpServer] | None = None
     tcp: list[TcpServer] | None = None
 
 
@@ -167,17 +167,14 @@ class DnsServer:
                 await plugin.start()
             if self.http is not None:
                 await self.http.start()
-            loop = asyncio.get_running_loop()
             for port, lst in self._listeners.items():
                 lst.mux = Mux(zones[port], f"dns://{self._label_host()}:{lst.bound}")
-                lst.transports, lst.tcp = [], []
+                lst.udp, lst.tcp = [], []
                 for sock in lst.sockets:
                     if sock.type == socket.SOCK_DGRAM:
-                        mux = lst.mux
-                        transport, _ = await loop.create_datagram_endpoint(
-                            lambda mux=mux: UdpProtocol(mux), sock=sock
-                        )
-                        lst.transports.append(transport)
+                        udp = UdpServer(lst.mux, sock)
+                        udp.start()
+                        lst.udp.append(udp)
                     else:
                         tcp = TcpServer(lst.mux)
                         tcp.server = await asyncio.start_server(tcp.handle, sock=sock)
@@ -223,8 +220,8 @@ class DnsServer:
 
     async def stop(self) -> None:
         for lst in self._listeners.values():
-            for t in lst.transports or ():
-                t.close()
+            for udp in lst.udp or ():
+                udp.close()
             for tcp in lst.tcp or ():
                 await tcp.close()
             for s in lst.sockets:

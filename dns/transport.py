@@ -1,8 +1,13 @@
 """The asyncio shell: UDP and TCP listeners on one port, and the writers replies go through.
 
-All protocol decisions are made elsewhere (dns.wire, the plugins); this module only moves
-bytes, enforces the transport limits (UDP size and TC, TCP framing, idle timeouts, connection
-and pipelining caps, write backpressure) and never lets an exception escape a callback.
+All protocol decisions are made elsewhere (dns.wire, dns.fastpath, the plugins); this module
+only moves bytes, enforces the transport limits (UDP size and TC, TCP framing, idle timeouts,
+connection and pipelining caps, write backpressure) and never lets an exception escape a
+callback.
+
+UDP sockets are read directly (loop.add_reader) rather than through a datagram transport:
+each readiness event drains up to UDP_BATCH queued datagrams, and each is answered by the
+fast path when it can be (a stored answer: no Request, no chain) and by the Mux otherwise.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dns.errors import DnsError
+from dns.fastpath import FastPath
 from dns.metrics import MALFORMED
 from dns.plugin import CLIENT_ERRORS, Handler, write_error
 from dns.wire import REFUSED, SERVFAIL, QueryError, Request, parse_query, truncate
@@ -25,6 +31,8 @@ TCP_IDLE_TIMEOUT = 10.0  # RFC 7766 suggests seconds, not minutes, for idle conn
 TCP_MAX_CONNECTIONS = 1000
 TCP_MAX_PIPELINE = 64  # queries in flight per connection before we stop reading
 TCP_MAX_WRITE_BUFFER = 1 << 20
+UDP_BATCH = 256  # datagrams handled per readiness event before other callbacks get a turn
+UDP_RECV_BUFFER = 65535  # the largest datagram; longer ones would be cut (and then FORMERR)
 
 
 class ListenError(DnsError):
@@ -38,6 +46,7 @@ class Mux:
         self.zones = zones
         self.server = server
         self.root = zones.get(b"\x00")
+        self.fast = FastPath(zones)
         self.malformed = {p: MALFORMED.labels(server, p) for p in ("udp", "tcp")}
 
     def serve(self, req: Request, w: UdpWriter | TcpWriter) -> None:
@@ -95,24 +104,60 @@ class UdpWriter:
         self.sendto(reply, self.addr)
 
 
-class UdpProtocol(asyncio.DatagramProtocol):
-    def __init__(self, mux: Mux) -> None:
+class UdpServer:
+    """One bound non-blocking UDP socket, read on readiness until it is empty (or UDP_BATCH).
+
+    Replies are sent at once with sendto; one the kernel will not take right now (socket
+    buffer full: EAGAIN) is dropped, as a DNS server over UDP does, and the client retries.
+    """
+
+    def __init__(self, mux: Mux, sock: socket.socket) -> None:
         self.mux = mux
-        self.transport: asyncio.DatagramTransport | None = None
+        self.sock = sock
+        self._buf = bytearray(UDP_RECV_BUFFER)
+        self._view = memoryview(self._buf)
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.sendto = self.transport.sendto  # type: ignore[union-attr]
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self.sock.fileno(), self._readable)
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+    def close(self) -> None:
+        """Stop reading (the caller closes the socket; late forward replies are dropped)."""
+        if self._loop is not None and self.sock.fileno() >= 0:
+            self._loop.remove_reader(self.sock.fileno())
+        self._loop = None
+
+    def sendto(self, reply: bytes, addr: Any) -> None:
         try:
-            self.mux.datagram(data, addr, self.sendto)  # type: ignore[arg-type]
-        except Exception:  # never let one datagram take the listener down
-            log.exception("dns udp datagram failed", extra={"client": str(addr)})
+            self.sock.sendto(reply, addr)
+        except OSError as e:  # EAGAIN (dropped), a closed socket (late reply), ICMP errors
+            log.debug("dns udp send failed", extra={"client": str(addr), "error": str(e)})
 
-    def error_received(self, exc: Exception) -> None:
-        # ICMP errors for earlier replies (client gone); nothing to do for a stateless server.
-        log.debug("dns udp error", extra={"error": str(exc)})
+    def _readable(self) -> None:
+        recv = self.sock.recvfrom_into
+        send = self.sock.sendto
+        buf, view = self._buf, self._view
+        fast = self.mux.fast.answer if self.mux.fast.enabled else None
+        for _ in range(UDP_BATCH):
+            try:
+                n, addr = recv(buf)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # e.g. a pending ICMP error; the socket itself is fine
+                log.debug("dns udp receive failed", extra={"error": str(e)})
+                continue
+            data = bytes(view[:n])
+            try:
+                reply = fast(data) if fast is not None else None
+                if reply is None:
+                    self.mux.datagram(data, addr, self.sendto)
+                else:
+                    send(reply, addr)
+            except OSError as e:
+                log.debug("dns udp send failed", extra={"client": str(addr), "error": str(e)})
+            except Exception:  # never let one datagram take the listener down
+                log.exception("dns udp datagram failed", extra={"client": str(addr)})
 
 
 class TcpWriter:

@@ -20,11 +20,15 @@ from __future__ import annotations
 import logging
 import time
 
-from dns.answers import CachedAnswer
+from dns.answers import Answer, CachedAnswer
 from dns.corefile import Directive, Token
 from dns.errors import WireError
 from dns.metrics import CACHE_ENTRIES, CACHE_EVICTIONS, CACHE_HITS, CACHE_MISSES, CACHE_PREFETCHES
 from dns.plugin import (
+    FAST_ANSWERS,
+    FAST_OPAQUE,
+    PASS,
+    Pass,
     Plugin,
     Setup,
     Writer,
@@ -131,6 +135,8 @@ class CachePlugin(Plugin):
         self.success = Store(SUCCESS, *success, server)
         self.denial = Store(DENIAL, *denial, server)
         self.prefetch = prefetch
+        # The fast path looks entries up by key alone, which says nothing about the zone.
+        self.fast_role = FAST_ANSWERS if self.all_zones else FAST_OPAQUE
 
     async def start(self) -> None:
         self.success.bind_metrics()
@@ -164,6 +170,26 @@ class CachePlugin(Plugin):
             store.drop(key)
         self._miss.inc()
         return serve_next(self, req, _StoringWriter(self, req, w))
+
+    def fast_answer(self, key: bytes, now: float) -> Answer | Pass | None:
+        store = self.success
+        entry = store.entries.get(key)
+        if entry is None:
+            store = self.denial
+            entry = store.entries.get(key)
+            if entry is None:
+                return PASS
+        if entry.expires <= now:
+            return None  # serve() drops it and asks the next plugin
+        if self.prefetch is not None:
+            if entry.remaining(now) <= entry.ttl * self.prefetch[2]:
+                return None  # serve() decides about prefetching, with the Request it needs
+            entry.hits += 1  # what _maybe_prefetch counts before finding it is too early
+        self._hit[store.kind].inc()
+        return entry
+
+    def fast_passed(self) -> None:
+        self._miss.inc()
 
     def _maybe_prefetch(self, req: Request, entry: CachedAnswer, now: float) -> None:
         assert self.prefetch is not None

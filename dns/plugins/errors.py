@@ -9,7 +9,7 @@ import logging
 
 from dns.corefile import Directive
 from dns.metrics import PLUGIN_ERRORS
-from dns.plugin import Plugin, Setup, Writer, arg_count, register, serve_next
+from dns.plugin import FAST_TRANSPARENT, Plugin, Setup, Writer, arg_count, register, serve_next
 from dns.wire import SERVFAIL, Request, name_to_text, type_name
 
 log = logging.getLogger(__name__)
@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 class ErrorsPlugin(Plugin):
     name = "errors"
+    fast_role = FAST_TRANSPARENT  # acts only on queries that fail
 
     def __init__(self, server: str) -> None:
         super().__init__()
