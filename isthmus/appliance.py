@@ -24,7 +24,9 @@ from dns.server import DnsServer
 from federation.routing import TableHolder
 from federation.service import Federation
 from federation.trust import BootstrapTokens, IdentityIssuer, TrustError, issuance_app
+from gateway.egress import Egress, EgressConfig
 from gateway.ingress import Ingress, IngressConfig
+from gateway.worker import TlsPaths, WorkerPool, WorkerSpec
 from isthmus import config as configmod
 from isthmus import logs
 from isthmus.api import ApiContext, make_app
@@ -36,7 +38,7 @@ from isthmus.metrics import CATALOGS
 log = logging.getLogger(__name__)
 
 # Roles this build can run; others are refused at start-up with a clear message.
-AVAILABLE_ROLES = frozenset({"control", "dns", "ingress"})
+AVAILABLE_ROLES = frozenset({"control", "dns", "ingress", "egress"})
 # Roles that read the routing table, which this build computes on the control node itself.
 NEEDS_CONTROL = frozenset({"dns", "ingress", "egress"})
 
@@ -58,6 +60,8 @@ class Appliance:
         self.federation: Federation | None = None
         self.dns: DnsServer | None = None
         self.ingress: Ingress | None = None
+        self.egress: Egress | None = None
+        self.egress_workers: WorkerPool | None = None
         self.bootstrap_tokens: BootstrapTokens | None = None
         self.control_address: tuple[str, int] | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -170,6 +174,8 @@ class Appliance:
                 await self.ingress.start()
             except OSError as e:
                 raise StartupError(f"cannot listen on {cfg.ingress.listen}: {e.strerror}") from None
+        if "egress" in roles:
+            await self._start_egress()
         if "dns" in roles:
             try:
                 self.dns = DnsServer(
@@ -195,6 +201,38 @@ class Appliance:
                 "identity": str(self.trust.credentials.spiffe_id) if self.trust else None,
             },
         )
+
+    async def _start_egress(self) -> None:
+        """In process with `workers: 1`; else N worker processes sharing the VIP listeners."""
+        cfg = self.config
+        assert self.trust is not None
+        egress_cfg = EgressConfig(vip_cidr=cfg.egress.vip_cidr, reuse_port=cfg.workers > 1)
+        if cfg.workers == 1:
+            self.egress = Egress(
+                egress_cfg, self.holder, self.trust.credentials, source_cluster=cfg.cluster
+            )
+            try:
+                await self.egress.start()
+            except OSError as e:
+                raise StartupError(f"egress: cannot listen on VIPs: {e.strerror}") from None
+            return
+        t = cfg.trust
+        spec = WorkerSpec(
+            tls=TlsPaths(t.cert, t.key, t.bundle, trust_domain=cfg.trust_domain),
+            source_cluster=cfg.cluster,
+            egress=egress_cfg,
+        )
+        self.egress_workers = WorkerPool(spec, cfg.workers)
+        await self.egress_workers.start(self.holder.current)
+        self.holder.subscribe(self.egress_workers.publish)
+        self._tasks.append(asyncio.create_task(self._follow_renewals(), name="worker-creds"))
+
+    async def _follow_renewals(self) -> None:
+        assert self.trust is not None and self.egress_workers is not None
+        while True:
+            await self.trust.manager.renewed.wait()
+            self.trust.manager.renewed.clear()
+            self.egress_workers.reload_credentials()
 
     def _load_trust(self) -> None:
         cfg = self.config
@@ -321,6 +359,10 @@ class Appliance:
             await self.federation.close_links()
         if self.ingress is not None:
             await self.ingress.close(drain=self.config.drain_timeout)
+        if self.egress is not None:
+            await self.egress.close(drain=self.config.drain_timeout)
+        if self.egress_workers is not None:
+            await self.egress_workers.stop(drain=self.config.drain_timeout)
         if self.dns is not None:
             await self.dns.stop()
         for runner in reversed(self._runners):

@@ -342,7 +342,7 @@ def local_default(data_dir: str | None = None) -> Config:
         {
             "cluster": "local",
             "trust_domain": "local.isthmus",
-            "roles": ["control", "ingress", "dns"],
+            "roles": ["control", "ingress", "egress", "dns"],
             "node": _default_node(),
             "data_dir": str(d),
             "trust": {
