@@ -78,6 +78,7 @@ class CachedAnswer(Answer):
         "_ttls",
         "expires",
         "hits",
+        "live",
         "prefetching",
         "stored",
         "ttl",
@@ -103,6 +104,7 @@ class CachedAnswer(Answer):
         self._memo_rest = rest
         self.hits = 0
         self.prefetching = False
+        self.live = True  # False once dropped, replaced or evicted from its store
 
     def render_at(self, req: Request, now: float) -> bytes:
         head = self.heads[req.rd | (2 if req.edns else 0)]

@@ -13,11 +13,12 @@ A block's plan is its chain from the head, skipping plugins that do nothing to a
 query (`errors`) and ending before the first one that must see every query; see
 `dns.plugin.Plugin.fast_role`.
 
-Cheaper still, a reply whose answering plugin has a stamp (`Plugin.fast_stamp`: global's
-index) is remembered by the query's bytes after the ID: the same query again (the same
-name in the same case, flags, EDNS) is answered by one dict lookup and the ID, while the
-stamp is unchanged. Bounded (REPLAY_MAX entries, cleared when full; queries up to
-REPLAY_QUERY_MAX bytes) so random names or case cannot grow it.
+Cheaper still, a reply is remembered by the query's bytes after the ID with a stamp from
+the plugin that answered (`Plugin.fast_stamp`: global's index; a cache entry and the
+second its TTLs show): the same query again (the same name in the same case, flags, EDNS)
+is answered by one dict lookup and the ID while the plugin says the stamp still holds.
+Bounded (REPLAY_MAX entries, cleared when full; queries up to REPLAY_QUERY_MAX bytes) so
+random names or case cannot grow it.
 """
 
 from __future__ import annotations
@@ -81,10 +82,11 @@ class FastPath:
         self.clock = clock
         self.replay: dict[bytes, _Replay] = {}
 
-    def _plan(self, data: bytes, name_end: int, labels: list[int]) -> Plan:
+    def _plan(self, key: bytes, name_end: int, labels: list[int]) -> Plan:
+        """The plan of the block with the longest zone `key`'s (lowercase) name is under."""
+        name_len = name_end - HEADER_LEN
         for zone, plan in self.zones:
-            start = name_end - len(zone)
-            if start in labels and data.endswith(zone, 0, name_end):
+            if name_end - len(zone) in labels and key.endswith(zone, 0, name_len):
                 return plan
         return self.root
 
@@ -93,7 +95,7 @@ class FastPath:
         hit = self.replay.get(data[2:])
         if hit is not None:
             plugin, stamp, tail, passed = hit
-            if plugin.fast_stamp() is stamp:
+            if plugin.fast_replay(stamp, self.clock()):
                 for p in passed:
                     p.fast_passed()
                 return data[:2] + tail
@@ -142,10 +144,10 @@ class FastPath:
         else:
             do = 0
             max_size = PLAIN_UDP_SIZE
-        plan = self._plan(data, name_end, labels) if self.zones else self.root
+        key = data[HEADER_LEN:qend].lower() + _DO_BYTE[do]
+        plan = self._plan(key, name_end, labels) if self.zones else self.root
         if not plan:
             return None
-        key = data[HEADER_LEN:qend].lower() + _DO_BYTE[do]
         now = self.clock()
         passed = 0
         for plugin in plan:
@@ -167,7 +169,7 @@ class FastPath:
         if len(reply) > max_size:
             flags = (head[0] << 8 | head[1]) | TC
             reply = data[:2] + _TRUNCATED.pack(flags, 1, 0, 0, edns) + data[HEADER_LEN:qend] + opt
-        stamp = plugin.fast_stamp()
+        stamp = plugin.fast_stamp(answer, now)
         if stamp is not None and n <= REPLAY_QUERY_MAX:
             if len(self.replay) >= REPLAY_MAX:
                 self.replay.clear()

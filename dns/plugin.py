@@ -102,12 +102,15 @@ class Plugin:
         the side effects of answering (hit counters) but not those of passing (see below)."""
         return None
 
-    def fast_stamp(self) -> object | None:
-        """For fast_role "answers": an object that is replaced whenever the answers this
-        plugin gives may change (global: its index), or None when they change by themselves
-        (cache: TTLs count down). With a stamp, the fast path may replay a whole reply to a
-        byte-identical query for as long as the stamp is the same object."""
+    def fast_stamp(self, answer: Answer, now: float) -> object | None:
+        """For fast_role "answers": what `fast_replay` needs to tell whether `answer`, just
+        given, still holds byte for byte; None if it cannot be replayed."""
         return None
+
+    def fast_replay(self, stamp: object, now: float) -> bool:
+        """Whether the reply stamped `stamp` may be sent again as it was (then counted as
+        an answer, as fast_answer would have)."""
+        return False
 
     def fast_passed(self) -> None:
         """The fast path passed a query on (PASS) and a later plugin answered it: count it as
