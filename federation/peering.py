@@ -192,6 +192,8 @@ class PeerLink:
             await asyncio.gather(self._task, return_exceptions=True)
         if self._writer is not None:
             self._writer.transport.abort()
+        if self.state.status is PeerStatus.CONNECTED:
+            self._down("closed", "peering stopped on this node")
 
     def _down(self, reason: str, detail: str) -> None:
         was = self.state.status

@@ -86,6 +86,10 @@ def remote_destination(
     )
 
 
+class _MissingVip(Exception):
+    pass
+
+
 class Imports:
     """What the builder needs to know of peers: (cluster, fallback address, feed) each."""
 
@@ -156,8 +160,9 @@ class TableBuilder:
             self._dirty.clear()
             try:
                 await self.rebuild()
-            except DiscoveryError as e:
-                log.error("routing table rebuild failed", extra={"error": str(e)})
+            except Exception as e:  # the builder must outlive any one bad rebuild
+                log.exception("routing table rebuild failed", extra={"error": str(e)})
+                self._recompose_all = True
                 await asyncio.sleep(1)
                 self._dirty.set()
 
@@ -198,13 +203,23 @@ class TableBuilder:
             keys = set(self._local) | remote_keys | set(self._routes) | policy_keys
         keys |= self._recompose
         self._recompose = set()
-        await self._allocate_vips(keys)
-        for key in keys:
-            route = self._compose(key)
-            if route is None:
-                self._routes.pop(key, None)
-            else:
-                self._routes[key] = route
+        pending = keys
+        while pending:
+            # Peer updates may land while VIPs are being allocated: compose, and allocate
+            # again for whatever a newly seen cluster needs.
+            await self._allocate_vips(pending)
+            retry = set()
+            for key in pending:
+                try:
+                    route = self._compose(key)
+                except _MissingVip:
+                    retry.add(key)
+                    continue
+                if route is None:
+                    self._routes.pop(key, None)
+                else:
+                    self._routes[key] = route
+            pending = retry
         self._built_index = index
         self._version += 1
         table = RoutingTable.build(
@@ -232,7 +247,8 @@ class TableBuilder:
 
     def _vip(self, name: str) -> IPAddress:
         vip = self.catalog.known_vip(name)
-        assert vip is not None, f"no VIP allocated for {name}"
+        if vip is None:
+            raise _MissingVip(name)
         return vip
 
     def _compose(self, key: ServiceKey) -> ServiceRoute | None:

@@ -31,8 +31,13 @@ def free_port(host: str) -> int:
 class Cluster:
     """One appliance (control + ingress) and a client for its API."""
 
-    def __init__(self, name: str, base: Path, host: str, region: str) -> None:
+    def __init__(
+        self, name: str, base: Path, host: str, region: str, vip_cidr: str = "127.240.0.0/16",
+        roles: tuple[str, ...] = ("control", "ingress"),
+    ) -> None:
         self.name = name
+        self.vip_cidr = vip_cidr
+        self.roles = roles
         self.dir = base / name
         self.host = host
         self.region = region
@@ -49,7 +54,7 @@ class Cluster:
             "trust_domain": TD,
             "node": f"{self.name}-gw",
             "locality": {"region": self.region, "zone": f"{self.region}-a"},
-            "roles": ["control", "ingress"],
+            "roles": list(self.roles),
             "data_dir": str(self.dir / "data"),
             "trust": {"bundle": str(pki / "bundle.pem"), "ca_cert": str(pki / "ca.pem"),
                       "ca_key": str(pki / "ca.key"), "cert": str(pki / "node.pem"),
@@ -61,7 +66,7 @@ class Cluster:
             "federation": {"peers": [{"cluster": c, "address": a}
                                      for c, a in sorted(self.peers.items())],
                            "export": ["*.default"]},
-            "egress": {"vip_cidr": "127.240.0.0/16"},
+            "egress": {"vip_cidr": self.vip_cidr},
         }
 
     async def start(self) -> None:
@@ -108,13 +113,15 @@ def make_pki(base: Path, names: list[str]) -> None:
 async def eventually(probe: Callable[[], Any], timeout: float = 15.0, what: str = "") -> Any:
     """Poll an async probe until it returns something truthy (bounded)."""
     last = None
-    async with asyncio.timeout(timeout):
-        while True:
-            last = await probe()
-            if last:
-                return last
-            await asyncio.sleep(0.1)
-    raise AssertionError(f"never true: {what} (last {last!r})")
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                last = await probe()
+                if last:
+                    return last
+                await asyncio.sleep(0.1)
+    except TimeoutError:
+        raise AssertionError(f"never true within {timeout}s: {what} (last {last!r})") from None
 
 
 @pytest.fixture
