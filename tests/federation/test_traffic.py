@@ -77,8 +77,10 @@ async def world(tmp_path: Path) -> AsyncIterator[tuple[dict[str, Cluster], dict[
                     "ports": {"http": b.port},
                     "check": {
                         "http": f"http://{b.host}:{b.port}/healthz",
-                        "interval": "200ms",
-                        "timeout": "200ms",
+                        # generous: the backends share this busy test process
+                        "interval": "1s",
+                        "timeout": "1s",
+                        "failure_threshold": 2,
                     },
                 },
             )
