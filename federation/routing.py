@@ -132,3 +132,109 @@ class TableHolder:
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener)
+
+
+# --- JSON form, for agents that read their cluster's table over the control channel --------
+
+
+def _locality_json(loc: Locality) -> list[str]:
+    return [loc.region, loc.zone]
+
+
+def table_to_json(table: RoutingTable) -> dict[str, object]:
+    return {
+        "version": table.version,
+        "cluster": table.cluster,
+        "trust_domain": table.trust_domain,
+        "clusters": sorted(table.clusters),
+        "services": [
+            {
+                "name": r.service.name,
+                "namespace": r.service.namespace,
+                "vip": str(r.vip),
+                "ports": dict(r.ports),
+                "cluster_vips": {c: str(v) for c, v in r.cluster_vips.items()},
+                "failover": r.failover,
+                "policy_version": r.policy_version,
+                "exported": r.exported,
+                "destinations": [
+                    {
+                        "cluster": d.cluster,
+                        "local": d.local,
+                        "priority": d.priority,
+                        "weight": d.weight,
+                        "healthy": d.healthy,
+                        "total": d.total,
+                        "locality": _locality_json(d.locality),
+                        "gateways": list(d.gateways),
+                        "endpoints": [
+                            [
+                                e.workload_id,
+                                e.address,
+                                dict(e.ports),
+                                e.weight,
+                                e.healthy,
+                                _locality_json(e.locality),
+                            ]
+                            for e in d.endpoints
+                        ],
+                    }
+                    for d in r.destinations
+                ],
+            }
+            for r in table.services.values()
+        ],
+    }
+
+
+def table_from_json(raw: dict, version: int | None = None) -> RoutingTable:
+    """Rebuild a snapshot; raises ValueError/KeyError/TypeError on a malformed document."""
+    routes = []
+    for s in raw["services"]:
+        dests = []
+        for d in s["destinations"]:
+            endpoints = tuple(
+                Endpoint(
+                    str(wid),
+                    str(addr),
+                    {str(k): int(v) for k, v in ports.items()},
+                    int(weight),
+                    bool(healthy),
+                    Locality(*map(str, loc)),
+                )
+                for wid, addr, ports, weight, healthy, loc in d["endpoints"]
+            )
+            dests.append(
+                Destination(
+                    cluster=str(d["cluster"]),
+                    local=bool(d["local"]),
+                    priority=int(d["priority"]),
+                    weight=int(d["weight"]),
+                    healthy=int(d["healthy"]),
+                    total=int(d["total"]),
+                    locality=Locality(*map(str, d["locality"])),
+                    gateways=tuple(str(g) for g in d["gateways"]),
+                    endpoints=endpoints,
+                )
+            )
+        routes.append(
+            ServiceRoute(
+                service=ServiceKey(str(s["name"]), str(s["namespace"])),
+                vip=ipaddress.ip_address(s["vip"]),
+                ports={str(k): int(v) for k, v in s["ports"].items()},
+                destinations=tuple(dests),
+                cluster_vips={
+                    str(c): ipaddress.ip_address(v) for c, v in s["cluster_vips"].items()
+                },
+                failover=bool(s["failover"]),
+                policy_version=s["policy_version"],
+                exported=bool(s["exported"]),
+            )
+        )
+    return RoutingTable.build(
+        int(raw["version"]) if version is None else version,
+        str(raw["cluster"]),
+        str(raw["trust_domain"]),
+        routes,
+        clusters=frozenset(map(str, raw["clusters"])),
+    )

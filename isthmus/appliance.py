@@ -21,9 +21,11 @@ from discovery.health import HealthChecker
 from discovery.model import Locality
 from dns.errors import DnsError
 from dns.server import DnsServer
+from federation.agentlink import AgentLink, agent_routes
 from federation.routing import TableHolder
 from federation.service import Federation
 from federation.trust import BootstrapTokens, IdentityIssuer, TrustError, issuance_app
+from federation.trust.spiffe import Kind
 from gateway.egress import Egress, EgressConfig
 from gateway.ingress import Ingress, IngressConfig
 from gateway.worker import TlsPaths, WorkerPool, WorkerSpec
@@ -32,13 +34,19 @@ from isthmus import logs
 from isthmus.api import ApiContext, make_app
 from isthmus.auth import TokenFileError, TokenRegistry, ensure_admin_token, read_token
 from isthmus.config import Config, ConfigError, split_host_port
-from isthmus.identity import IdentityError, NodeTrust, ensure_local_pki, load_node_trust
+from isthmus.identity import (
+    IdentityError,
+    NodeTrust,
+    bootstrap_agent,
+    ensure_local_pki,
+    load_node_trust,
+)
 from isthmus.metrics import CATALOGS
 
 log = logging.getLogger(__name__)
 
 # Roles this build can run; others are refused at start-up with a clear message.
-AVAILABLE_ROLES = frozenset({"control", "dns", "ingress", "egress"})
+AVAILABLE_ROLES = frozenset({"control", "dns", "ingress", "egress", "agent"})
 # Roles that read the routing table, which this build computes on the control node itself.
 NEEDS_CONTROL = frozenset({"dns", "ingress", "egress"})
 
@@ -62,6 +70,7 @@ class Appliance:
         self.ingress: Ingress | None = None
         self.egress: Egress | None = None
         self.egress_workers: WorkerPool | None = None
+        self.agent_link: AgentLink | None = None
         self.bootstrap_tokens: BootstrapTokens | None = None
         self.control_address: tuple[str, int] | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -89,6 +98,9 @@ class Appliance:
                 f"roles: {missing} are not available in this build yet "
                 f"(available: {sorted(AVAILABLE_ROLES)})"
             )
+        if "agent" in roles:
+            await self._start_agent()
+            return
         if roles & NEEDS_CONTROL and "control" not in roles:
             raise StartupError(
                 f"roles: {sorted(roles & NEEDS_CONTROL)} need 'control' on the same node in "
@@ -156,8 +168,12 @@ class Appliance:
             issuer = IdentityIssuer(
                 self.trust.authority, self.bootstrap_tokens, lambda: self.trust.credentials.bundle
             )
+            control_app = issuance_app(issuer)
+            control_app.add_routes(
+                agent_routes(catalog, self.holder, self.trust.credentials, cfg.cluster)
+            )
             self.control_address = await self._serve(
-                issuance_app(issuer),
+                control_app,
                 cfg.control.listen,
                 ssl=self.trust.credentials.listener_context(require_client_cert=False),
             )
@@ -199,6 +215,52 @@ class Appliance:
                 "api": self.api_url,
                 "data_dir": str(data_dir),
                 "identity": str(self.trust.credentials.spiffe_id) if self.trust else None,
+            },
+        )
+
+    async def _start_agent(self) -> None:
+        """A VM: identity from the control node (bootstrap token the first time), the routing
+        table and registrations over the control channel, egress and resolver locally."""
+        cfg = self.config
+        Path(cfg.data_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            await bootstrap_agent(cfg)
+            self.trust = load_node_trust(cfg, Kind.AGENT)
+        except (IdentityError, TrustError, OSError) as e:
+            raise StartupError(str(e)) from None
+        assert cfg.agent.control is not None
+        self.agent_link = AgentLink(
+            cfg.agent.control, self.trust.credentials, self.holder, cfg.discovery.workloads
+        )
+        self.agent_link.start()
+        try:
+            async with asyncio.timeout(10):
+                await self.agent_link.synced.wait()
+        except TimeoutError:
+            log.warning(
+                "no routing table from the control node yet; starting anyway",
+                extra={"control": cfg.agent.control},
+            )
+        await self._start_egress()
+        try:
+            self.dns = DnsServer(
+                cfg.dns.corefile, cfg.dns.listen, self.holder, base_dir=str(cfg.data_dir)
+            )
+            await self.dns.start()
+        except DnsError as e:
+            raise StartupError(f"dns: {e}") from None
+        except OSError as e:
+            raise StartupError(f"cannot listen on {cfg.dns.listen}: {e.strerror}") from None
+        if cfg.metrics.enabled:
+            self.metrics_address = await self._serve(metrics_app(), cfg.metrics.listen)
+        self._tasks.append(asyncio.create_task(self.trust.manager.run(), name="identity"))
+        log.info(
+            "agent started",
+            extra={
+                "cluster": cfg.cluster,
+                "node": cfg.node,
+                "control": cfg.agent.control,
+                "identity": str(self.trust.credentials.spiffe_id),
             },
         )
 
@@ -354,6 +416,8 @@ class Appliance:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.agent_link is not None:
+            await self.agent_link.close()
         if self.federation is not None:
             # peering streams never end by themselves: close them before draining the ingress
             await self.federation.close_links()
@@ -405,10 +469,12 @@ async def serve(config: Config, config_path: str | None) -> int:
         log.error("start-up failed", extra={"error": str(e)})
         await appliance.stop()
         raise
-    print(
-        f"isthmus: cluster {config.cluster} running; API {appliance.api_url}, pid {os.getpid()}",
-        flush=True,
+    where = (
+        f"API {appliance.api_url}"
+        if appliance.api_address
+        else f"agent of control node {config.agent.control}"
     )
+    print(f"isthmus: cluster {config.cluster} running; {where}, pid {os.getpid()}", flush=True)
     await stop.wait()
     await appliance.stop()
     return 0

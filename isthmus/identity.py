@@ -19,7 +19,9 @@ from federation.trust import (
     TrustError,
     create_cluster_ca,
     create_root,
+    generate_key,
     issue_identity,
+    request_identity,
 )
 from federation.trust.pemfiles import (
     load_bundle,
@@ -129,3 +131,38 @@ def load_node_trust(cfg: Config, kind: Kind = Kind.GATEWAY) -> NodeTrust:
             "identity from"
         )
     return NodeTrust(credentials, IdentityManager(credentials, renewer, files=files), authority)
+
+
+async def bootstrap_agent(cfg: Config) -> None:
+    """An agent without a usable identity gets its first one from its control node, with the
+    one-time token in `agent.bootstrap_token_file`. The key is made here and never sent."""
+    t = cfg.trust
+    if Path(t.cert).exists() and Path(t.key).exists():
+        try:
+            problem = _usable(load_identity(Path(t.cert), Path(t.key)), cfg, Kind.AGENT,
+                              dt.datetime.now(dt.UTC))
+        except TrustError as e:
+            problem = str(e)
+        if not problem:
+            return
+    if not cfg.agent.control:
+        raise IdentityError("agent.control: required for an agent (its control node HOST:PORT)")
+    token_path = Path(cfg.agent.bootstrap_token_file)
+    try:
+        token = token_path.read_text().strip()
+    except OSError as e:
+        raise IdentityError(
+            f"agent.bootstrap_token_file: cannot read {token_path} ({e.strerror}); create a "
+            "token on the control node with `isthmus token create`"
+        ) from None
+    try:
+        bundle = load_bundle(Path(t.bundle))
+        issued = await request_identity(
+            cfg.agent.control, cfg.node, Kind.AGENT, generate_key(), bundle=bundle,
+            bootstrap_token=token, trust_domain=cfg.trust_domain, cluster=cfg.cluster,
+        )
+    except TrustError as e:
+        raise IdentityError(f"bootstrap from {cfg.agent.control} failed: {e}") from None
+    write_identity(Path(t.cert), Path(t.key), issued.identity, force=True)
+    write_bundle(Path(t.bundle), issued.bundle)
+    log.info("agent identity bootstrapped", extra={"spiffe_id": str(issued.identity.spiffe_id)})
