@@ -35,6 +35,7 @@ from federation.routing import IPAddress, RoutingTable, TableHolder
 from federation.trust.credentials import TlsCredentials
 from gateway.balancer import Balancer, Choice, FailureKind, Target
 from gateway.errors import ConnectFailed, RoutingError
+from gateway.h1proxy import FastServer
 from gateway.http import HttpConfig, HttpProxy
 from gateway.metrics import GatewayKind, Outcome, ejection_listener, flow, record_rejection
 from gateway.pool import PoolConfig, TunnelPool
@@ -87,7 +88,7 @@ class _Listener:
     sock: socket.socket
     accept_task: asyncio.Task[None] | None = None
     server: asyncio.AbstractServer | None = None  # L7
-    http: web.Server | None = None
+    http: FastServer | web.Server | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
@@ -400,3 +401,4 @@ class Egress:
     def _probe_changed(self, target: Target, down: bool) -> None:
         if down:
             self.pool.drop_gateway(target.ident)
+            self.http.drop_gateway(target.ident)

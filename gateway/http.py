@@ -19,6 +19,7 @@ import asyncio
 import logging
 import ssl
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,6 +30,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from federation.routing import TableHolder
 from gateway.balancer import Balancer, Choice, FailureKind, Target
 from gateway.errors import RoutingError
+from gateway.h1proxy import FastServer
+from gateway.h1upstream import UpstreamPool
 from gateway.metrics import Flow, GatewayKind, Outcome, flow
 from gateway.retry import RetryBudget, RetryPolicy
 from gateway.sni import service_sni
@@ -63,6 +66,8 @@ class HttpConfig:
     client_keepalive_timeout: float = 75.0  # idle client connections to the VIP
     max_request_line: int = 8190
     max_field_size: int = 8190
+    fast_path: bool = True  # h1proxy: raw Protocols; False: every request through aiohttp
+    handshake_timeout: float = 10.0  # TLS to a remote ingress (fast path)
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
@@ -125,6 +130,18 @@ class HttpProxy:
         )
         self._session: aiohttp.ClientSession | None = None
         self.retries = 0  # retries sent (for status and tests)
+        self.upstreams = UpstreamPool(
+            contexts, config.connect_timeout, config.handshake_timeout, config.keepalive_timeout
+        )
+        self._servers: weakref.WeakSet[FastServer] = weakref.WeakSet()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    @property
+    def tables(self) -> TableHolder:
+        return self._tables
+
+    def source_cluster(self) -> str:
+        return self._source()
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -146,10 +163,38 @@ class HttpProxy:
         return self._session
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+            self._sweeper = None
+        self.upstreams.close()
         if self._session is not None:
             await self._session.close()
 
-    def make_server(self) -> web.Server:
+    def drop_gateway(self, gateway: str) -> None:
+        """Close idle keep-alive connections to `gateway` (it failed a probe)."""
+        self.upstreams.drop_gateway(gateway)
+
+    def make_server(self) -> FastServer | web.Server:
+        """The protocol factory of one L7 listener (with `shutdown(timeout)` for its drain)."""
+        if not self.config.fast_path:
+            return self.make_aiohttp_server()
+        server = FastServer(self, self.upstreams, self.make_aiohttp_server)
+        self._servers.add(server)
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
+        return server
+
+    async def _sweep_loop(self) -> None:
+        cfg = self.config
+        period = max(0.5, min(cfg.client_keepalive_timeout, cfg.keepalive_timeout) / 4)
+        while True:
+            await asyncio.sleep(period)
+            for server in list(self._servers):
+                server.sweep(cfg.client_keepalive_timeout)
+            self.upstreams.sweep()
+
+    def make_aiohttp_server(self) -> web.Server:
         cfg = self.config
         return web.Server(
             self.handle,

@@ -1,0 +1,313 @@
+"""HTTP/1.1 message framing for the egress fast path (sans-IO: bytes in, decisions out).
+
+Only what a forwarding proxy needs: the request or status line, the header block, and where
+the body ends (Content-Length, chunked, none, or until close). Bodies are never decoded or
+copied here: `BodyScanner.scan` says how many bytes of a chunk still belong to the message,
+and the I/O shell forwards the chunk as is. The header block is edited only to drop
+hop-by-hop fields, fields named by `Connection` and (in requests) every `x-isthmus-*` field;
+when nothing is dropped the original bytes are forwarded unchanged.
+
+Input that could be read two ways is refused rather than guessed at (request smuggling):
+bare LF or CR, obsolete line folding, whitespace before a colon, Content-Length together
+with Transfer-Encoding, differing Content-Length values, a transfer coding other than a final
+`chunked`.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+from gateway.errors import ProtocolError
+
+__all__ = [
+    "BodyKind",
+    "BodyScanner",
+    "H1Error",
+    "RequestHead",
+    "ResponseHead",
+    "parse_request_head",
+    "parse_response_head",
+]
+
+# Hop-by-hop fields (RFC 9110 §7.6.1) and the proxy ones. Transfer-Encoding is kept: bodies
+# are forwarded with the framing they arrived with.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
+        b"proxy-authorization", b"te", b"trailer", b"upgrade",
+    }
+)  # fmt: skip
+RESERVED_PREFIX = b"x-isthmus-"
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_TARGET = re.compile(rb"[\x21-\x7e]+")  # no spaces, no controls
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # controls except HTAB
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
+_END = b"\r\n\r\n"
+MAX_CHUNK_LINE = 4096
+
+
+class H1Error(ProtocolError):
+    """The peer's bytes are not an HTTP/1.1 message we can forward; `status` is the answer."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+
+
+class BodyKind(enum.Enum):
+    NONE = "none"
+    LENGTH = "length"
+    CHUNKED = "chunked"
+    UNTIL_CLOSE = "until_close"  # responses only: the body ends when the server closes
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    method: str
+    target: bytes
+    version: bytes  # b"HTTP/1.1" or b"HTTP/1.0"
+    body: BodyKind
+    length: int  # Content-Length, 0 unless body is LENGTH
+    keep_alive: bool  # the client wants the connection kept after this exchange
+    expect_continue: bool
+    upgrade: bool  # Upgrade asked (with Connection: upgrade), or CONNECT
+    forward: bytes  # the head to send upstream, cleaned, ending with CRLF CRLF
+    size: int  # bytes the head took in the input
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseHead:
+    status: int
+    body: BodyKind
+    length: int
+    keep_alive: bool  # the server keeps the connection after this response
+    forward: bytes  # the head to send to the client, cleaned, ending with CRLF CRLF
+    size: int
+
+    @property
+    def interim(self) -> bool:
+        return 100 <= self.status < 200
+
+
+def _head(buf: bytes | bytearray, max_size: int) -> tuple[bytes, int] | None:
+    end = buf.find(_END, 0, max_size + 4)
+    if end < 0:
+        if len(buf) > max_size:
+            raise H1Error(431, "header block too large")
+        return None
+    return bytes(buf[:end]), end + 4
+
+
+def _fields(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """(lower name, value) per field line. A folded line or whitespace before the colon makes
+    the name fail the token rule; a bare CR or LF fails the value rule."""
+    out: list[tuple[bytes, bytes]] = []
+    for line in lines:
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN.fullmatch(name):
+            raise H1Error(400, "malformed header field")
+        if b"\r" in value or _BAD_VALUE.search(value):
+            raise H1Error(400, "control character in a header value")
+        out.append((name.lower(), value.strip(b" \t")))
+    return out
+
+
+def _connection_tokens(fields: list[tuple[bytes, bytes]]) -> set[bytes]:
+    tokens: set[bytes] = set()
+    for name, value in fields:
+        if name == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    tokens.discard(b"")
+    return tokens
+
+
+def _framing(fields: list[tuple[bytes, bytes]]) -> tuple[BodyKind | None, int]:
+    """Content-Length / Transfer-Encoding; (None, 0) when neither is present."""
+    lengths = {v for n, v in fields if n == b"content-length"}
+    codings = [v for n, v in fields if n == b"transfer-encoding"]
+    if codings:
+        if lengths:
+            raise H1Error(400, "both Content-Length and Transfer-Encoding")
+        parts = [c.strip().lower() for v in codings for c in v.split(b",")]
+        if parts[-1] != b"chunked" or parts.count(b"chunked") != 1:
+            raise H1Error(400, "unsupported transfer coding")
+        if len(parts) != 1:
+            raise H1Error(501, "transfer codings other than chunked")
+        return BodyKind.CHUNKED, 0
+    if not lengths:
+        return None, 0
+    values = {p.strip() for v in lengths for p in v.split(b",")}
+    if len(values) != 1:
+        raise H1Error(400, "conflicting Content-Length")
+    (value,) = values
+    if not value.isdigit() or len(value) > 18:
+        raise H1Error(400, "bad Content-Length")
+    n = int(value)
+    return (BodyKind.LENGTH, n) if n else (BodyKind.NONE, 0)
+
+
+def _rebuild(first: bytes, lines: list[bytes], fields: list[tuple[bytes, bytes]],
+             drop: set[bytes], prefix: bytes | None, extra: bytes) -> bytes | None:
+    """The head without dropped fields (None when nothing is dropped and nothing added)."""
+    keep = [
+        line for line, (name, _) in zip(lines, fields, strict=True)
+        if not (name in drop or (prefix is not None and name.startswith(prefix)))
+    ]  # fmt: skip
+    if len(keep) == len(lines) and not extra:
+        return None
+    return b"\r\n".join([first, *keep]) + b"\r\n" + extra + b"\r\n"
+
+
+def parse_request_head(buf: bytes | bytearray, max_size: int = 8190) -> RequestHead | None:
+    """The request head at the start of `buf`, or None while it is incomplete."""
+    found = _head(buf, max_size)
+    if found is None:
+        return None
+    head, size = found
+    lines = head.split(b"\r\n")
+    first = lines[0]
+    parts = first.split(b" ")
+    if len(parts) != 3:
+        raise H1Error(400, "malformed request line")
+    method, target, version = parts
+    if not _TOKEN.fullmatch(method) or not _TARGET.fullmatch(target):
+        raise H1Error(400, "malformed request line")
+    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        if version.startswith(b"HTTP/") and len(version) == 8:
+            raise H1Error(505, "HTTP version not supported")
+        raise H1Error(400, "malformed request line")
+    fields = _fields(lines[1:])
+    tokens = _connection_tokens(fields)
+    kind, length = _framing(fields)
+    if kind is None:
+        kind = BodyKind.NONE
+    if version == b"HTTP/1.1":
+        keep_alive = b"close" not in tokens
+    else:
+        keep_alive = b"keep-alive" in tokens
+    expect = any(n == b"expect" and v.lower() == b"100-continue" for n, v in fields)
+    upgrade = method == b"CONNECT" or (
+        b"upgrade" in tokens and any(n == b"upgrade" for n, _ in fields)
+    )
+    drop = HOP_BY_HOP | (tokens - {b"transfer-encoding", b"content-length", b"host"})
+    forward = _rebuild(first, lines[1:], fields, drop, RESERVED_PREFIX, b"")
+    return RequestHead(
+        method.decode("ascii"), target, version, kind, length, keep_alive, expect, upgrade,
+        forward if forward is not None else head + _END, size,
+    )  # fmt: skip
+
+
+def parse_response_head(
+    buf: bytes | bytearray, request_method: str, max_size: int = 65536
+) -> ResponseHead | None:
+    """The response head at the start of `buf`, or None while it is incomplete.
+
+    The forwarded head gets `Connection: close` when the body ends with the connection."""
+    found = _head(buf, max_size)
+    if found is None:
+        return None
+    head, size = found
+    lines = head.split(b"\r\n")
+    first = lines[0]
+    version, _, rest = first.partition(b" ")
+    code = rest[:3]
+    if (
+        version not in (b"HTTP/1.1", b"HTTP/1.0")
+        or len(code) != 3
+        or not code.isdigit()
+        or rest[3:4] not in (b"", b" ")
+    ):
+        raise H1Error(502, "malformed status line")
+    if _BAD_VALUE.search(rest):
+        raise H1Error(502, "control character in the status line")
+    status = int(code)
+    try:
+        fields = _fields(lines[1:])
+        tokens = _connection_tokens(fields)
+        kind, length = _framing(fields)
+    except H1Error as err:
+        raise H1Error(502, f"bad response: {err}") from err
+    keep_alive = (b"close" not in tokens) if version == b"HTTP/1.1" else (b"keep-alive" in tokens)
+    if request_method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+        kind, length = BodyKind.NONE, 0
+    elif kind is None:
+        kind, keep_alive = BodyKind.UNTIL_CLOSE, False
+    extra = b"Connection: close\r\n" if kind is BodyKind.UNTIL_CLOSE else b""
+    drop = HOP_BY_HOP | (tokens - {b"transfer-encoding", b"content-length"})
+    forward = _rebuild(first, lines[1:], fields, drop, None, extra)
+    return ResponseHead(
+        status, kind, length, keep_alive, forward if forward is not None else head + _END, size
+    )
+
+
+class BodyScanner:
+    """Finds where a body ends in the chunks that follow its head, without copying them.
+
+    `scan(data, start)` returns how many bytes of `data[start:]` belong to the body; `done` is
+    set once the body is complete (any bytes after it belong to the next message)."""
+
+    __slots__ = ("_line", "_remaining", "_state", "done", "kind")
+
+    # Chunked states: size line, chunk data, CRLF after the data, trailer lines.
+    _SIZE, _DATA, _DATA_END, _TRAILER = range(4)
+
+    def __init__(self, kind: BodyKind, length: int = 0) -> None:
+        self.kind = kind
+        self._remaining = length
+        self._state = self._SIZE
+        self._line = b""  # a partial size or trailer line
+        self.done = kind is BodyKind.NONE or (kind is BodyKind.LENGTH and length == 0)
+
+    def scan(self, data: bytes | bytearray | memoryview, start: int = 0) -> int:
+        available = len(data) - start
+        if self.done or available <= 0:
+            return 0
+        if self.kind is BodyKind.LENGTH:
+            n = min(available, self._remaining)
+            self._remaining -= n
+            self.done = self._remaining == 0
+            return n
+        if self.kind is BodyKind.UNTIL_CLOSE:
+            return available
+        return self._chunked(data if isinstance(data, bytes) else bytes(data), start)
+
+    def _chunked(self, data: bytes, start: int) -> int:
+        i, end = start, len(data)
+        while i < end and not self.done:
+            if self._state == self._DATA:
+                n = min(end - i, self._remaining)
+                i += n
+                self._remaining -= n
+                if not self._remaining:
+                    self._state = self._DATA_END
+                continue
+            nl = data.find(b"\n", i)
+            if nl < 0:
+                self._line += data[i:end]
+                i = end
+                if len(self._line) > MAX_CHUNK_LINE:
+                    raise H1Error(400, "chunk line too long")
+                break
+            line = self._line + data[i:nl + 1]
+            self._line = b""
+            i = nl + 1
+            if len(line) > MAX_CHUNK_LINE:
+                raise H1Error(400, "chunk line too long")
+            if not line.endswith(b"\r\n"):
+                raise H1Error(400, "bare LF in chunked framing")
+            line = line[:-2]
+            if self._state == self._SIZE:
+                size = line.split(b";", 1)[0].strip(b" \t")
+                if not _HEX.fullmatch(size):
+                    raise H1Error(400, "bad chunk size")
+                self._remaining = int(size, 16)
+                self._state = self._DATA if self._remaining else self._TRAILER
+            elif self._state == self._DATA_END:
+                if line:
+                    raise H1Error(400, "chunk data longer than its size")
+                self._state = self._SIZE
+            elif not line:  # the empty line after the trailers ends the body
+                self.done = True
+        return i - start
