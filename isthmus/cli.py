@@ -276,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="override data_dir")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("demo", help="a complete federation on loopback, with a script to try")
+    p.add_argument("--dir", help="keep the demo's state in this (empty) directory")
+    p.set_defaults(func=lambda a: __import__("isthmus.demo").demo.main(a.dir))
+
     p = sub.add_parser("register", help="register (or replace) a workload")
     p.add_argument("id")
     p.add_argument("--service", required=True)
