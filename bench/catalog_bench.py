@@ -150,6 +150,18 @@ def accept_forever(sock: socket.socket, stop: threading.Event) -> None:
             return
 
 
+class Rows(list):
+    """Prints each figure as soon as it is measured (a long run still reports what it got)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        print("| measure | value |\n|---|---|", flush=True)
+
+    def append(self, row: tuple[str, str]) -> None:
+        super().append(row)
+        print(f"| {row[0]} | {row[1]} |", flush=True)
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workloads", type=int, default=100_000)
@@ -157,7 +169,7 @@ async def main() -> None:
     ap.add_argument("--check-seconds", type=float, default=30.0)
     ap.add_argument("--check-interval", default="10s")
     args = ap.parse_args()
-    rows: list[tuple[str, str]] = []
+    rows = Rows()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         # 1 + 2: registration rate and the big catalog (no checks: passing)
@@ -271,9 +283,7 @@ async def main() -> None:
             app2.stop()
             for s in sockets:
                 s.close()
-    print("| measure | value |\n|---|---|")
-    for k, v in rows:
-        print(f"| {k} | {v} |")
+
 
 
 if __name__ == "__main__":
