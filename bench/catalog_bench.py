@@ -62,6 +62,7 @@ class Appliance:
             "api": {"listen": f"{HOST}:{self.port}", "token_file": str(tmp / "token")},
             "metrics": {"enabled": False},
             "log": {"level": "warning"},
+            "trust": {"bundle": str(tmp / "no-pki" / "bundle.pem")},  # catalog only: no mTLS
             "discovery": {"max_concurrent_checks": max_checks},
         }
         tmp.mkdir(parents=True, exist_ok=True)
