@@ -71,7 +71,7 @@ class RequestHead:
     body: BodyKind
     length: int  # Content-Length, 0 unless body is LENGTH
     keep_alive: bool  # the client wants the connection kept after this exchange
-    expect_continue: bool
+    expect_continue: bool  # Expect: 100-continue (dropped from `forward`)
     upgrade: bool  # Upgrade asked (with Connection: upgrade), or CONNECT
     forward: bytes  # the head to send upstream, cleaned, ending with CRLF CRLF
     size: int  # bytes the head took in the input
@@ -192,6 +192,8 @@ def parse_request_head(buf: bytes | bytearray, max_size: int = 8190) -> RequestH
         b"upgrade" in tokens and any(n == b"upgrade" for n, _ in fields)
     )
     drop = HOP_BY_HOP | (tokens - {b"transfer-encoding", b"content-length", b"host"})
+    if expect:
+        drop = drop | {b"expect"}  # the proxy answers 100 Continue itself and sends the body
     forward = _rebuild(first, lines[1:], fields, drop, RESERVED_PREFIX, b"")
     return RequestHead(
         method.decode("ascii"), target, version, kind, length, keep_alive, expect, upgrade,

@@ -9,8 +9,9 @@ client as it arrives. Retries, the per-try timeout, the retry budget and outlier
 those of the aiohttp path (`http.HttpProxy`), with the same outcomes and metrics.
 
 What the fast path does not handle is handed, with the bytes read so far, to the aiohttp
-server of `http.HttpProxy` for the rest of the connection: HTTP/1.0, `Expect: 100-continue`,
-upgrades and CONNECT, chunked request bodies and request bodies above the retry buffer.
+server of `http.HttpProxy` for the rest of the connection: HTTP/1.0, upgrades and CONNECT,
+chunked request bodies and request bodies above the retry buffer. `Expect: 100-continue` is
+answered by the proxy itself (the body is buffered here), and the field is not forwarded.
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ class _Client(asyncio.Protocol):
     """One client connection on a VIP listener."""
 
     __slots__ = (
-        "buf", "close_after", "handed_off", "idle_since", "paused", "resolved", "server",
-        "sockname", "streaming", "task", "transport",
+        "buf", "close_after", "continued", "handed_off", "idle_since", "paused", "resolved",
+        "server", "sockname", "streaming", "task", "transport",
     )  # fmt: skip
 
     def __init__(self, server: FastServer) -> None:
@@ -85,6 +86,7 @@ class _Client(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self.paused = False
         self.close_after = False
+        self.continued = False  # 100 Continue sent for the request being read
         self.handed_off = False
         self.streaming: UpstreamConn | None = None
         self.idle_since = time.monotonic()
@@ -141,15 +143,20 @@ class _Client(asyncio.Protocol):
             self._resume()
             return
         if (
-            head.version != b"HTTP/1.1" or head.expect_continue or head.upgrade
+            head.version != b"HTTP/1.1" or head.upgrade
             or head.body is BodyKind.CHUNKED or head.length > self.server.max_buffered_body
         ):  # fmt: skip
             self._hand_off()
             return
         end = head.size + head.length
         if len(self.buf) < end:
+            if head.expect_continue and not self.continued:
+                # The body is buffered here (retries need it): ask for it now.
+                self.continued = True
+                transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             self._resume()
             return
+        self.continued = False
         body = bytes(self.buf[head.size : end]) if head.length else b""
         del self.buf[:end]
         if not head.keep_alive or self.server.closing:

@@ -110,6 +110,15 @@ class Backend:
         body = await request.read()
         if request.path == "/status/500":
             return web.Response(status=500, text="boom")
+        if request.path.startswith("/chunked/"):  # a chunked body of n bytes, in 64 KiB writes
+            n = int(request.path.rsplit("/", 1)[1])
+            response = web.StreamResponse()
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+            for start in range(0, n, 65536):
+                await response.write(b"c" * min(65536, n - start))
+            await response.write_eof()
+            return response
         return web.json_response(
             {
                 "cluster": self.cluster,

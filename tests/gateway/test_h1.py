@@ -1,0 +1,195 @@
+"""The HTTP/1.1 framing parser of the fast path, without sockets; fuzzed with hypothesis."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.h1 import (
+    BodyKind,
+    BodyScanner,
+    H1Error,
+    parse_request_head,
+    parse_response_head,
+)
+
+
+def test_request_head_is_cleaned_by_dropping_lines_only() -> None:
+    raw = (
+        b"PUT /a?b=1 HTTP/1.1\r\nHost: svc\r\nConnection: keep-alive, X-Drop\r\nX-Drop: 1\r\n"
+        b"X-Isthmus-Cluster: west\r\nx-isthmus-any: 1\r\nKeep-Alive: 5\r\nTE: trailers\r\n"
+        b"Upgrade: h2c\r\nX-Keep:  kept \r\nContent-Length: 3\r\n\r\nabcGET"
+    )
+    head = parse_request_head(raw)
+    assert head is not None
+    assert head.method == "PUT" and head.target == b"/a?b=1" and head.keep_alive
+    assert head.body is BodyKind.LENGTH and head.length == 3
+    assert head.size == raw.index(b"abc")
+    assert head.forward == (
+        b"PUT /a?b=1 HTTP/1.1\r\nHost: svc\r\nX-Keep:  kept \r\nContent-Length: 3\r\n\r\n"
+    )
+    assert not head.upgrade  # Upgrade without Connection: upgrade is just dropped
+
+
+def test_clean_request_is_forwarded_unchanged() -> None:
+    raw = b"GET / HTTP/1.1\r\nHost: a\r\nAccept: */*\r\n\r\n"
+    head = parse_request_head(raw)
+    assert head is not None and head.forward == raw and head.body is BodyKind.NONE
+
+
+def test_incomplete_and_oversized_heads() -> None:
+    assert parse_request_head(b"GET / HTTP/1.1\r\nHost: a\r\n") is None
+    with pytest.raises(H1Error) as err:
+        parse_request_head(b"GET / HTTP/1.1\r\nX: " + b"a" * 9000, max_size=8190)
+    assert err.value.status == 431
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"\x16\x03\x01\x00\x05hello\r\n\r\n", 400),
+        (b"GET /x HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
+        (b"GET /x HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
+        (b"GET / HTTP/1.1\r\nX : y\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nX: y\r\n folded\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nX: a\nY: b\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nX: a\rb\r\n\r\n", 400),
+        (b"GET / HTTP/2.0\r\n\r\n", 505),
+        (b"GET  / HTTP/1.1\r\n\r\n", 400),
+        (b"\x00" * 100 + b"\r\n\r\n", 400),
+    ],
+)
+def test_ambiguous_or_bad_requests_are_refused(raw: bytes, status: int) -> None:
+    with pytest.raises(H1Error) as err:
+        parse_request_head(raw)
+    assert err.value.status == status
+
+
+def test_request_flags() -> None:
+    h10 = parse_request_head(b"GET / HTTP/1.0\r\n\r\n")
+    assert h10 is not None and not h10.keep_alive
+    close = parse_request_head(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert close is not None and not close.keep_alive
+    expect = parse_request_head(
+        b"PUT / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"
+    )
+    assert expect is not None and expect.expect_continue
+    ws = parse_request_head(b"GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+    assert ws is not None and ws.upgrade
+    connect = parse_request_head(b"CONNECT a:443 HTTP/1.1\r\n\r\n")
+    assert connect is not None and connect.upgrade
+    chunked = parse_request_head(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+    assert chunked is not None and chunked.body is BodyKind.CHUNKED
+    assert b"Transfer-Encoding: chunked" in chunked.forward  # framing travels with the body
+
+
+def test_response_heads() -> None:
+    r = parse_response_head(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: keep-alive\r\n"
+        b"X-Isthmus-Error: kept\r\n\r\nhello", "GET",
+    )  # fmt: skip
+    assert r is not None and r.status == 200 and r.keep_alive
+    assert r.forward == b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Isthmus-Error: kept\r\n\r\n"
+    head = parse_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", "HEAD")
+    assert head is not None and head.body is BodyKind.NONE
+    for status in (204, 304, 100):
+        r = parse_response_head(b"HTTP/1.1 %d X\r\nContent-Length: 5\r\n\r\n" % status, "GET")
+        assert r is not None and r.body is BodyKind.NONE
+    until = parse_response_head(b"HTTP/1.1 200 OK\r\n\r\n", "GET")
+    assert until is not None and until.body is BodyKind.UNTIL_CLOSE and not until.keep_alive
+    assert until.forward.endswith(b"Connection: close\r\n\r\n")
+    old = parse_response_head(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", "GET")
+    assert old is not None and not old.keep_alive
+    for bad in (b"HTTP/1.1 2000 OK\r\n\r\n", b"ICY 200 OK\r\n\r\n", b"HTTP/1.1 20x\r\n\r\n"):
+        with pytest.raises(H1Error) as err:
+            parse_response_head(bad, "GET")
+        assert err.value.status == 502
+
+
+def scan_all(scanner: BodyScanner, pieces: list[bytes]) -> int:
+    """Bytes the scanner claims, feeding `pieces` until it is done."""
+    total = 0
+    for piece in pieces:
+        n = scanner.scan(piece)
+        total += n
+        if scanner.done:
+            break
+        assert n == len(piece)
+    return total
+
+
+def chunked(body_parts: list[bytes], trailers: list[bytes]) -> bytes:
+    out = b"".join(b"%x;ext=1\r\n%s\r\n" % (len(p), p) for p in body_parts if p)
+    return out + b"0\r\n" + b"".join(t + b"\r\n" for t in trailers) + b"\r\n"
+
+
+def splits(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({min(c, len(data)) for c in cuts})
+    pieces, last = [], 0
+    for p in points:
+        pieces.append(data[last:p])
+        last = p
+    pieces.append(data[last:])
+    return [p for p in pieces if p]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.binary(min_size=0, max_size=40), max_size=6),
+    st.lists(st.sampled_from([b"X-T: 1", b"Y: z"]), max_size=2),
+    st.lists(st.integers(min_value=0, max_value=400), max_size=8),
+    st.binary(max_size=20),
+)
+def test_chunked_end_is_found_across_any_split(
+    parts: list[bytes], trailers: list[bytes], cuts: list[int], after: bytes
+) -> None:
+    body = chunked(parts, trailers)
+    scanner = BodyScanner(BodyKind.CHUNKED)
+    assert scan_all(scanner, splits(body + after, cuts)) == len(body)
+    assert scanner.done
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(min_value=0, max_value=500), st.lists(st.integers(0, 600), max_size=6))
+def test_length_end_is_found_across_any_split(length: int, cuts: list[int]) -> None:
+    scanner = BodyScanner(BodyKind.LENGTH, length)
+    data = b"b" * length + b"NEXT"
+    claimed = scan_all(scanner, splits(data, cuts)) if length else 0
+    assert claimed == length and scanner.done
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=300))
+def test_parsers_never_fail_except_with_h1error(data: bytes) -> None:
+    for parse in (
+        lambda: parse_request_head(data, 200),
+        lambda: parse_response_head(data, "GET", 200),
+        lambda: BodyScanner(BodyKind.CHUNKED).scan(data),
+    ):
+        try:
+            parse()
+        except H1Error as err:
+            assert 400 <= err.status < 600
+
+
+header_names = st.from_regex(rb"\A[A-Za-z][A-Za-z0-9-]{0,12}\Z", fullmatch=True)
+header_values = st.from_regex(rb"\A[ -~]{0,20}\Z", fullmatch=True).map(lambda v: v.strip())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(header_names, header_values), max_size=10))
+def test_forwarded_head_reparses_to_the_kept_fields(fields: list[tuple[bytes, bytes]]) -> None:
+    raw = b"GET /p HTTP/1.1\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in fields) + b"\r\n"
+    try:
+        head = parse_request_head(raw)
+    except H1Error:
+        return  # e.g. a generated Content-Length that is not a number
+    assert head is not None
+    again = parse_request_head(head.forward)
+    assert again is not None and again.forward == head.forward  # cleaning is idempotent
+    kept = [ln.split(b":", 1)[0].lower() for ln in head.forward.split(b"\r\n")[1:] if ln]
+    assert not [k for k in kept if k.startswith(b"x-isthmus-") or k in (b"connection", b"te")]
