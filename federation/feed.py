@@ -131,6 +131,19 @@ class ExportFeed:
                 current[key] = value
                 self._touch(f"svc:{key}")
 
+    def update_services(self, changed: Mapping[str, ExportedService | None]) -> None:
+        """Apply only these (None: no longer exported); the rest stays as it is."""
+        current = self.state.services
+        for key, svc in changed.items():
+            if svc is None:
+                if current.pop(key, None) is not None:
+                    self._touch(f"svc:{key}")
+                continue
+            value = svc.to_json()
+            if current.get(key) != value:
+                current[key] = value
+                self._touch(f"svc:{key}")
+
     def set_policy(self, key: str, policy: dict[str, Any]) -> None:
         if self.state.policies.get(key) != policy:
             self.state.policies[key] = policy

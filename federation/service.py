@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,7 @@ class Federation:
         )
         self.feed_server = FeedServer(self.feed, cluster, lambda: self.peer_addresses.keys())
         self.links: list[PeerLink] = []
+        self._exported_from: Mapping[ServiceKey, Any] = {}
         self._unsubscribe: list[Any] = []
 
     def is_exported(self, service: ServiceKey) -> bool:
@@ -115,14 +116,24 @@ class Federation:
 
     # -- reactions ---------------------------------------------------------------------------
     def _on_table(self, table: RoutingTable) -> None:
-        exported = {}
+        # Snapshots share unchanged route objects: only routes that are new objects (or gone)
+        # can change what we export, so a one-service change costs one service here.
+        previous = self._exported_from
+        self._exported_from = table.services
+        changed: dict[str, ExportedService | None] = {}
         for key, route in table.services.items():
+            if previous.get(key) is route:
+                continue
             local = route.destination(self.cluster)
             if route.exported and local is not None:
-                exported[str(key)] = ExportedService(
+                changed[str(key)] = ExportedService(
                     key.name, key.namespace, dict(route.ports), local.healthy, local.total
                 )
-        self.feed.set_services(exported)
+            else:
+                changed[str(key)] = None
+        for key in previous.keys() - table.services.keys():
+            changed[str(key)] = None
+        self.feed.update_services(changed)
 
     def _on_policy(self, policy: TrafficPolicy) -> None:
         self.feed.set_policy(str(policy.service), policy.to_json())
