@@ -3,6 +3,7 @@ is `refresh` seconds old or a connection that was offered it did not resume (mem
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 
 from gw_topology import Pki
@@ -18,16 +19,12 @@ def handshake(client_ctx: ssl.SSLContext, server_ctx: ssl.SSLContext) -> ssl.SSL
     server = server_ctx.wrap_bio(si, so, server_side=True)
     for _ in range(8):
         for obj in (client, server):
-            try:
+            with contextlib.suppress(ssl.SSLWantReadError):
                 obj.do_handshake()
-            except ssl.SSLWantReadError:
-                pass
         si.write(co.read())
         ci.write(so.read())
-    try:
+    with contextlib.suppress(ssl.SSLWantReadError):
         client.read(1)  # takes in the session tickets
-    except ssl.SSLWantReadError:
-        pass
     return client
 
 
