@@ -8,7 +8,8 @@ Topology on loopback (each its own 127.x addresses), same certificates for both 
 body with keep-alive), same load generator (wrk, same threads and connections):
 
 - direct:   wrk -> nginx
-- isthmus:  wrk -> egress VIP (L7, aiohttp) -> mTLS, SNI -> ingress (L4, SNI routing) -> nginx
+- isthmus:  wrk -> egress VIP (L7 fast path, gateway/h1proxy.py) -> mTLS, SNI -> ingress (L4,
+            SNI routing) -> nginx
 - haproxy:  wrk -> egress HAProxy (mode http, server ssl crt+sni; see start_haproxy on verify)
                 -> ingress HAProxy (mode tcp, bind ssl verify required client certs) -> nginx
 Isthmus runs `workers` egress and `workers` ingress processes; HAProxy `nbthread workers` each.
