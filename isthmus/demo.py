@@ -71,10 +71,12 @@ class SampleService:
             "address": self.host,
             "ports": {"http": HTTP_PORT},
             "labels": {"version": self.version},
+            # two failures in a row: one slow answer on a busy laptop is not an outage
             "check": {
                 "http": f"http://{self.host}:{HTTP_PORT}/healthz",
                 "interval": "1s",
-                "timeout": "500ms",
+                "timeout": "1s",
+                "failure_threshold": 2,
             },
         }
 
@@ -172,7 +174,7 @@ async def _until_served(table: Any) -> None:
     import aiohttp
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
-        for key, route in table.services.items():
+        for route in table.services.values():
             async with asyncio.timeout(20):
                 while True:
                     try:
@@ -182,7 +184,6 @@ async def _until_served(table: Any) -> None:
                     except aiohttp.ClientError:
                         pass
                     await asyncio.sleep(0.2)
-            _ = key
 
 
 def instructions(base: Path, vip: str) -> str:
@@ -238,17 +239,23 @@ async def run_demo(base: Path, ready: asyncio.Event | None = None) -> None:
         agent = Appliance(configmod.validate(agent_config(base, token)))
         await agent.start()
         appliances.append(agent)
-        vip = ""
+        # ready when the VM sees every sample backend healthy, in both clusters, and a call
+        # through its egress to each service answers
+        want = {("reviews", "east"), ("reviews", "west"), ("ratings", "west")}
         async with asyncio.timeout(30):
-            while not vip:
-                route = next(
-                    (r for k, r in agent.holder.current.services.items() if k.name == "reviews"),
-                    None,
-                )
-                if route is not None and len(route.destinations) == 2:
-                    vip = str(route.vip)
-                else:
-                    await asyncio.sleep(0.1)
+            while True:
+                table = agent.holder.current
+                seen = {
+                    (k.name, d.cluster)
+                    for k, r in table.services.items()
+                    for d in r.destinations
+                    if d.healthy > 0
+                }
+                if want <= seen:
+                    break
+                await asyncio.sleep(0.1)
+        await _until_served(table)
+        vip = str(next(r.vip for k, r in table.services.items() if k.name == "reviews"))
         print(instructions(base, vip), flush=True)
         if ready is not None:
             ready.set()
