@@ -20,38 +20,16 @@ import time
 from pathlib import Path
 
 import aiohttp
-from aiohttp import web
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "federation"))
 
-from conftest import Cluster, free_port, make_pki  # noqa: E402
+from conftest import Backend, Cluster, make_pki  # noqa: E402
 
 from discovery.names import ServiceKey  # noqa: E402
 
 NAMES = ("a", "b", "c")
-
-
-class Backend:
-    def __init__(self, cluster: str, host: str) -> None:
-        self.cluster, self.host, self.port = cluster, host, free_port(host)
-        self.runner: web.AppRunner | None = None
-
-    async def _hello(self, _: web.Request) -> web.Response:
-        return web.Response(text=self.cluster)
-
-    async def up(self) -> None:
-        app = web.Application()
-        app.router.add_get("/{tail:.*}", self._hello)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, self.host, self.port, reuse_address=True).start()
-
-    async def down(self) -> None:
-        if self.runner:
-            await self.runner.cleanup()
-            self.runner = None
 
 
 async def batch(s: aiohttp.ClientSession, url: str, n: int) -> list[str]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from federation.trust import TrustBundle, create_cluster_ca, create_root
 from federation.trust.pemfiles import write_bundle, write_certs, write_key
@@ -32,7 +33,12 @@ class Cluster:
     """One appliance (control + ingress) and a client for its API."""
 
     def __init__(
-        self, name: str, base: Path, host: str, region: str, vip_cidr: str = "127.240.0.0/16",
+        self,
+        name: str,
+        base: Path,
+        host: str,
+        region: str,
+        vip_cidr: str = "127.240.0.0/16",
         roles: tuple[str, ...] = ("control", "ingress"),
     ) -> None:
         self.name = name
@@ -56,16 +62,21 @@ class Cluster:
             "locality": {"region": self.region, "zone": f"{self.region}-a"},
             "roles": list(self.roles),
             "data_dir": str(self.dir / "data"),
-            "trust": {"bundle": str(pki / "bundle.pem"), "ca_cert": str(pki / "ca.pem"),
-                      "ca_key": str(pki / "ca.key"), "cert": str(pki / "node.pem"),
-                      "key": str(pki / "node.key")},
+            "trust": {
+                "bundle": str(pki / "bundle.pem"),
+                "ca_cert": str(pki / "ca.pem"),
+                "ca_key": str(pki / "ca.key"),
+                "cert": str(pki / "node.pem"),
+                "key": str(pki / "node.key"),
+            },
             "api": {"listen": self.api_listen, "token_file": str(self.dir / "api-token")},
             "control": {"listen": f"{self.host}:0"},
             "metrics": {"enabled": False},
             "ingress": {"listen": self.ingress, "public_address": self.ingress},
-            "federation": {"peers": [{"cluster": c, "address": a}
-                                     for c, a in sorted(self.peers.items())],
-                           "export": ["*.default"]},
+            "federation": {
+                "peers": [{"cluster": c, "address": a} for c, a in sorted(self.peers.items())],
+                "export": ["*.default"],
+            },
             "egress": {"vip_cidr": self.vip_cidr},
         }
 
@@ -88,15 +99,46 @@ class Cluster:
     async def call(self, method: str, path: str, json: Any = None) -> tuple[int, Any]:
         assert self.http is not None
         token = (self.dir / "api-token").read_text().strip()
-        async with self.http.request(method, f"http://{self.api_listen}{path}", json=json,
-                                     headers={"Authorization": f"Bearer {token}"}) as r:
+        async with self.http.request(
+            method,
+            f"http://{self.api_listen}{path}",
+            json=json,
+            headers={"Authorization": f"Bearer {token}"},
+        ) as r:
             text = await r.text()
             return r.status, (await r.json(content_type=None)) if text else None
 
     async def register(self, wid: str, service: str, **body: Any) -> None:
-        status, out = await self.call("PUT", f"/v1/workloads/{wid}", {
-            "service": service, "address": self.host, "ports": {"http": 9080}, **body})
+        status, out = await self.call(
+            "PUT",
+            f"/v1/workloads/{wid}",
+            {"service": service, "address": self.host, "ports": {"http": 9080}, **body},
+        )
         assert status in (200, 201), out
+
+
+class Backend:
+    """An HTTP server answering every GET with its cluster's name (tests and benches)."""
+
+    def __init__(self, cluster: str, host: str) -> None:
+        self.cluster, self.host = cluster, host
+        self.port = free_port(host)
+        self.runner: web.AppRunner | None = None
+
+    async def _handle(self, _: web.Request) -> web.Response:
+        return web.Response(text=self.cluster)
+
+    async def up(self) -> None:
+        app = web.Application()
+        app.router.add_get("/{tail:.*}", self._handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, self.host, self.port, reuse_address=True).start()
+
+    async def down(self) -> None:
+        if self.runner:
+            await self.runner.cleanup()
+            self.runner = None
 
 
 def make_pki(base: Path, names: list[str]) -> None:
@@ -130,8 +172,10 @@ async def mesh(tmp_path: Path) -> AsyncIterator[dict[str, Cluster]]:
     names = ["a", "b", "c"]
     regions = {"a": "us", "b": "us", "c": "eu"}
     make_pki(tmp_path, names)
-    clusters = {c: Cluster(c, tmp_path, f"127.60.{n % 250}.{i + 1}", regions[c])
-                for i, c in enumerate(names)}
+    clusters = {
+        c: Cluster(c, tmp_path, f"127.60.{n % 250}.{i + 1}", regions[c])
+        for i, c in enumerate(names)
+    }
     for c in clusters.values():
         c.peers = {o.name: o.ingress for o in clusters.values() if o is not c}
     try:

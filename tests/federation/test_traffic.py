@@ -11,38 +11,13 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from discovery.names import ServiceKey
 
-from .conftest import Cluster, eventually, free_port, make_pki
+from .conftest import Backend, Cluster, eventually, make_pki
 
 _nets = itertools.count(1)
 NAMES = ("a", "b", "c")
-
-
-class Backend:
-    """An HTTP server answering with its cluster's name."""
-
-    def __init__(self, cluster: str, host: str) -> None:
-        self.cluster, self.host = cluster, host
-        self.port = free_port(host)
-        self.runner: web.AppRunner | None = None
-
-    async def _handle(self, _: web.Request) -> web.Response:
-        return web.Response(text=self.cluster)
-
-    async def up(self) -> None:
-        app = web.Application()
-        app.router.add_get("/{tail:.*}", self._handle)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, self.host, self.port, reuse_address=True).start()
-
-    async def down(self) -> None:
-        if self.runner:
-            await self.runner.cleanup()
-            self.runner = None
 
 
 @pytest.fixture
