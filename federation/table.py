@@ -112,6 +112,7 @@ class TableBuilder:
         policies: PolicyStore | None = None,
         imports: Imports | None = None,
         known_clusters: Callable[[], frozenset[str]] | None = None,
+        debounce: float = 0.02,
     ) -> None:
         self.catalog = catalog
         self.holder = holder
@@ -122,6 +123,8 @@ class TableBuilder:
         self.policies = policies
         self.imports = imports or Imports()
         self.known_clusters = known_clusters or (lambda: frozenset({cluster}))
+        self.debounce = debounce
+        self._by_vip: dict[IPAddress, tuple[ServiceKey, str | None]] = {}
         self._built_index = -1
         self._local: dict[ServiceKey, tuple[dict[str, int], Destination]] = {}
         self._routes: dict[ServiceKey, ServiceRoute] = {}
@@ -156,7 +159,8 @@ class TableBuilder:
     async def _run(self) -> None:
         while True:
             await self._dirty.wait()
-            await asyncio.sleep(0)  # let the rest of a burst land first
+            # Coalesce a burst (a registration storm) into one rebuild; bounds rebuild CPU.
+            await asyncio.sleep(self.debounce)
             self._dirty.clear()
             try:
                 await self.rebuild()
@@ -215,19 +219,34 @@ class TableBuilder:
                 except _MissingVip:
                     retry.add(key)
                     continue
-                if route is None:
-                    self._routes.pop(key, None)
-                else:
-                    self._routes[key] = route
+                self._set_route(key, route)
             pending = retry
         self._built_index = index
         self._version += 1
-        table = RoutingTable.build(
-            self._version, self.cluster, self.trust_domain, list(self._routes.values()),
+        # Plain dict copies (C speed): building from the route list would be a Python loop
+        # over every service on every change.
+        table = RoutingTable(
+            version=self._version,
+            cluster=self.cluster,
+            trust_domain=self.trust_domain,
+            services=dict(self._routes),
             clusters=self.known_clusters() | {self.cluster},
+            by_vip=dict(self._by_vip),
         )
         self.holder.publish(table)
         return table
+
+    def _set_route(self, key: ServiceKey, route: ServiceRoute | None) -> None:
+        old = self._routes.pop(key, None)
+        if old is not None:
+            self._by_vip.pop(old.vip, None)
+            for vip in old.cluster_vips.values():
+                self._by_vip.pop(vip, None)
+        if route is not None:
+            self._routes[key] = route
+            self._by_vip[route.vip] = (key, None)
+            for c, vip in route.cluster_vips.items():
+                self._by_vip[vip] = (key, c)
 
     async def _allocate_vips(self, keys: set[ServiceKey]) -> None:
         """Every VIP these routes need, allocated at once: the catalog commits them together."""
