@@ -58,6 +58,7 @@ class ApiContext:
     holder: TableHolder | None = None
     federation: Federation | None = None
     bootstrap_tokens: BootstrapTokens | None = None
+    services_cache: tuple[tuple[int, int], list[dict[str, Any]]] | None = None
 
 
 CTX: web.AppKey[ApiContext] = web.AppKey("isthmus_ctx", ApiContext)
@@ -225,7 +226,19 @@ def merge_route(out: dict[str, Any], route: ServiceRoute, cluster: str) -> None:
 
 
 def all_services(ctx: ApiContext) -> list[dict[str, Any]]:
-    """Local services from the catalog, plus services only peers export (from the table)."""
+    """Local services from the catalog, plus services only peers export (from the table).
+
+    Cached per (catalog index, table version): with 10,000 services the listing costs a pass
+    over every workload, and it only changes when one of the two does."""
+    key = (ctx.catalog.index, ctx.holder.current.version if ctx.holder else -1)
+    if ctx.services_cache is not None and ctx.services_cache[0] == key:
+        return ctx.services_cache[1]
+    out = _all_services(ctx)
+    ctx.services_cache = (key, out)
+    return out
+
+
+def _all_services(ctx: ApiContext) -> list[dict[str, Any]]:
     local = ctx.catalog.services()
     out = [service_json(ctx, s) for s in local]
     if ctx.holder is not None:
@@ -319,10 +332,11 @@ async def get_service(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     key = _service_key(request)
     index = await wait_for_index(request)
-    out = next(
+    found = next(
         (s for s in all_services(ctx) if (s["name"], s["namespace"]) == (key.name, key.namespace)),
         None,
     )
+    out = None if found is None else dict(found)  # the listing is cached: never mutate it
     if out is None:
         raise ApiError(404, f"service {key} is not registered here nor exported by any peer")
     out["endpoints"] = {
