@@ -54,13 +54,14 @@ def rss_mb(pid: int) -> float:
 class Appliance:
     def __init__(self, tmp: Path, max_checks: int) -> None:
         self.port = free_port()
+        self.metrics_port = free_port()
         self.raw = {
             "cluster": "bench",
             "trust_domain": "bench.example",
             "roles": ["control"],
             "data_dir": str(tmp / "data"),
             "api": {"listen": f"{HOST}:{self.port}", "token_file": str(tmp / "token")},
-            "metrics": {"enabled": False},
+            "metrics": {"listen": f"{HOST}:{self.metrics_port}"},
             "log": {"level": "warning"},
             "trust": {"bundle": str(tmp / "no-pki" / "bundle.pem")},  # catalog only: no mTLS
             "discovery": {"max_concurrent_checks": max_checks},
@@ -124,6 +125,18 @@ async def register(app: Appliance, n: int, concurrency: int, check: dict | None)
     async with aiohttp.ClientSession(connector=conn) as session:
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
     return n / (time.perf_counter() - t0)
+
+
+async def checks_done(app: Appliance) -> float:
+    """Sum of isthmus_health_checks_total, from the appliance's metrics endpoint."""
+    url = f"http://{HOST}:{app.metrics_port}/metrics"
+    async with aiohttp.ClientSession() as session, session.get(url) as r:
+        text = await r.text()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("isthmus_health_checks_total{")
+    )
 
 
 async def services_latency(app: Appliance, rounds: int) -> tuple[float, float]:
@@ -253,10 +266,12 @@ async def main() -> None:
             app2.start()  # restart: first checks spread over the interval from a cold start
             assert app2.proc
             await asyncio.sleep(12)  # one interval plus warm-up
+            n0 = await checks_done(app2)
             c0, t0 = cpu_seconds(app2.proc.pid), time.perf_counter()
             await asyncio.sleep(args.check_seconds)
             c1, t1 = cpu_seconds(app2.proc.pid), time.perf_counter()
             cpu = (c1 - c0) / (t1 - t0)
+            rate = (await checks_done(app2) - n0) / (t1 - t0)
             async with (
                 aiohttp.ClientSession() as session,
                 session.get(
@@ -284,7 +299,6 @@ async def main() -> None:
             app2.stop()
             for s in sockets:
                 s.close()
-
 
 
 if __name__ == "__main__":
