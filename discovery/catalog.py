@@ -77,6 +77,10 @@ class Catalog(abc.ABC):
     def services(self) -> list[ServiceSummary]: ...
 
     @abc.abstractmethod
+    def health_counts(self) -> dict[Health, int]:
+        """Workloads per health state."""
+
+    @abc.abstractmethod
     def known_vip(self, key: str) -> IPAddress | None: ...
 
     @abc.abstractmethod
@@ -98,6 +102,8 @@ class MemoryView:
         self.by_id: dict[str, WorkloadState] = {}
         self.by_service: dict[ServiceKey, dict[str, WorkloadState]] = {}
         self.vips: dict[str, IPAddress] = {}
+        # kept in step on every change: status and metrics never walk 100,000 workloads
+        self.health_counts: collections.Counter[Health] = collections.Counter()
         self.index = 0
         self._log: collections.deque[tuple[int, str]] = collections.deque(maxlen=CHANGELOG_SIZE)
         self._changed = asyncio.Event()
@@ -110,11 +116,13 @@ class MemoryView:
 
     def _insert(self, st: WorkloadState) -> None:
         self.by_id[st.workload.id] = st
+        self.health_counts[st.health] += 1
         self.by_service.setdefault(st.workload.service, {})[st.workload.id] = st
 
     def _remove(self, workload_id: str) -> WorkloadState | None:
         old = self.by_id.pop(workload_id, None)
         if old is not None:
+            self.health_counts[old.health] -= 1
             members = self.by_service[old.workload.service]
             del members[workload_id]
             if not members:

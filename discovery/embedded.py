@@ -400,6 +400,9 @@ class EmbeddedCatalog(Catalog):
     def services(self) -> list[ServiceSummary]:
         return self._view.services()
 
+    def health_counts(self) -> dict[Health, int]:
+        return {h: self._view.health_counts[h] for h in Health}
+
     def known_vip(self, key: str) -> IPAddress | None:
         return self._view.vips.get(key)
 

@@ -366,9 +366,7 @@ async def get_service(request: web.Request) -> web.Response:
 
 async def status(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
-    health_counts = {"passing": 0, "critical": 0, "unknown": 0}
-    for st in ctx.catalog.workloads():
-        health_counts[st.health.value] += 1
+    health_counts = {h.value: n for h, n in ctx.catalog.health_counts().items()}
     out: dict[str, Any] = {
         "cluster": ctx.cluster,
         "node": ctx.node,

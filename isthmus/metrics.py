@@ -10,7 +10,6 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from discovery.catalog import Catalog
-from discovery.model import Health
 
 API_REQUESTS = Counter(
     "isthmus_api_requests_total", "Control API requests", ["method", "route", "status"]
@@ -39,10 +38,7 @@ class CatalogCollector(Collector):
             "isthmus_catalog_index", "Catalog change index", labels=["cluster"]
         )
         for cat in list(self.catalogs):
-            counts = dict.fromkeys(Health, 0)
-            for st in cat.workloads():
-                counts[st.health] += 1
-            for h, n in counts.items():
+            for h, n in cat.health_counts().items():
                 workloads.add_metric([cat.cluster, h.value], n)
             services.add_metric([cat.cluster], len(cat.services()))
             index.add_metric([cat.cluster], cat.index)

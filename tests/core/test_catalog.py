@@ -161,3 +161,19 @@ async def test_writes_after_close_fail_cleanly(tmp_path: Path) -> None:
     await c.close()
     with pytest.raises(StoreError, match="closed"):
         await c.put(wl("a"))
+
+
+async def test_health_counts_follow_every_change(tmp_path: Path) -> None:
+    c = await opened(tmp_path)
+    try:
+        for i in range(6):
+            await c.put(wl(f"w{i}", check={"tcp": "10.0.0.5:80"} if i % 2 else None))
+        await c.set_health("w1", Health.CRITICAL)
+        await c.set_health("w3", Health.PASSING)
+        await c.delete("w0")
+        await c.put(wl("w5"))  # check removed: passing
+        recount = {h: sum(1 for s in c.workloads() if s.health is h) for h in Health}
+        assert c.health_counts() == recount
+        assert recount == {Health.PASSING: 4, Health.CRITICAL: 1, Health.UNKNOWN: 0}
+    finally:
+        await c.close()
