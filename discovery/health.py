@@ -56,7 +56,8 @@ class HealthChecker:
         clock: Callable[[], float] | None = None,
     ) -> None:
         self.catalog = catalog
-        self._sem = asyncio.Semaphore(max_concurrent)
+        self._max_concurrent = max_concurrent
+        self._inflight = 0
         self._rng = rng or random.Random()
         self._clock = clock
         self._tracked: dict[str, _Tracked] = {}
@@ -149,6 +150,10 @@ class HealthChecker:
             self._wake.clear()
             now = self._now()
             while self._heap and self._heap[0][0] <= now:
+                if self._inflight >= self._max_concurrent:
+                    # Back-pressure: probes start only as slots free up, so a loop that falls
+                    # behind runs checks late instead of piling up thousands of waiting tasks.
+                    break
                 _, _, wid, gen = heapq.heappop(self._heap)
                 t = self._tracked.get(wid)
                 if t is None or t.generation != gen:
@@ -161,8 +166,12 @@ class HealthChecker:
                     self._schedule(now + t.check.interval, wid, t)
                     continue
                 t.running = True
+                self._inflight += 1
                 self._spawn(self._probe(wid, t))
-            timeout = self._heap[0][0] - now if self._heap else None
+            if self._heap and self._inflight >= self._max_concurrent:
+                timeout = None  # a finishing probe wakes us
+            else:
+                timeout = self._heap[0][0] - now if self._heap else None
             try:
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
@@ -176,13 +185,16 @@ class HealthChecker:
 
     async def _probe(self, wid: str, t: _Tracked) -> None:
         check = t.check
+        started = self._now()
         try:
-            async with self._sem:
-                started = self._now()
+            try:
                 if check.kind is CheckKind.HTTP:
                     result = await probe_http(check.target, check.timeout)
                 else:
                     result = await probe_tcp(check.target, check.timeout)
+            finally:
+                self._inflight -= 1
+                self._wake.set()
             CHECKS.labels(check.kind.value, "pass" if result.ok else "fail").inc()
             await self._record(wid, t, result)
         finally:

@@ -241,3 +241,36 @@ async def test_first_checks_are_spread_over_the_interval(tmp_path: Path) -> None
             await h.stop()
     finally:
         await c.close()
+
+
+async def test_probes_in_flight_are_bounded(catalog: EmbeddedCatalog) -> None:
+    """A checker that falls behind runs checks late; it never holds more than its cap."""
+    host = loopback_host()
+    active = [0, 0]  # now, peak (as the target sees them)
+
+    async def slow(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        active[0] += 1
+        active[1] = max(active)
+        await r.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(0.2)
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        await w.drain()
+        w.close()
+        active[0] -= 1
+
+    server = await asyncio.start_server(slow, host, 0)
+    port = server.sockets[0].getsockname()[1]
+    h = HealthChecker(catalog, max_concurrent=2)
+    await h.start()
+    try:
+        async with server:
+            for i in range(8):
+                await catalog.put(wl(f"w{i}", {"http": f"http://{host}:{port}/",
+                                               "interval": "5s", "timeout": "1s"}))
+            async with asyncio.timeout(15):
+                while any(s.health is not Health.PASSING for s in catalog.workloads()):
+                    assert h._inflight <= 2
+                    await asyncio.sleep(0.02)
+        assert active[1] <= 2
+    finally:
+        await h.stop()
