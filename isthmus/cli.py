@@ -54,6 +54,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from isthmus import demo
+
+    return demo.main(args.dir)
+
+
 # --- register / deregister -----------------------------------------------------------------------
 
 
@@ -278,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="a complete federation on loopback, with a script to try")
     p.add_argument("--dir", help="keep the demo's state in this (empty) directory")
-    p.set_defaults(func=lambda a: __import__("isthmus.demo").demo.main(a.dir))
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("register", help="register (or replace) a workload")
     p.add_argument("id")
