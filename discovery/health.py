@@ -30,6 +30,17 @@ TRANSITIONS = Counter(
     "isthmus_health_transitions_total", "Workload health changes, by new state", ["health"]
 )
 
+_CHILDREN = {
+    (kind, ok): CHECKS.labels(kind, "pass" if ok else "fail")
+    for kind in ("http", "tcp", "ttl")
+    for ok in (True, False)
+}
+
+
+def _count(kind: str, ok: bool) -> None:
+    _CHILDREN[kind, ok].inc()  # labelled children looked up once, not per check
+
+
 # A newly registered workload is checked within this long, not a whole interval later.
 NEW_WORKLOAD_DELAY = 0.5
 
@@ -140,7 +151,7 @@ class HealthChecker:
             )
         t.ttl_deadline = self._now() + check.ttl
         self._schedule(t.ttl_deadline, workload_id, t)
-        CHECKS.labels("ttl", "pass").inc()
+        _count("ttl", True)
         await self._record(workload_id, t, ProbeResult(True, "TTL heartbeat received"))
         return self.catalog.get(workload_id)
 
@@ -194,8 +205,9 @@ class HealthChecker:
                     result = await probe_tcp(check.target, check.timeout)
             finally:
                 self._inflight -= 1
-                self._wake.set()
-            CHECKS.labels(check.kind.value, "pass" if result.ok else "fail").inc()
+                if self._inflight == self._max_concurrent - 1:
+                    self._wake.set()  # the scheduler was waiting for a free slot
+            _count(check.kind.value, result.ok)
             await self._record(wid, t, result)
         finally:
             t.running = False
@@ -203,7 +215,7 @@ class HealthChecker:
             self._schedule(started + check.interval, wid, t)
 
     async def _ttl_expired(self, wid: str, t: _Tracked) -> None:
-        CHECKS.labels("ttl", "fail").inc()
+        _count("ttl", False)
         await self._record(wid, t, ProbeResult(False, f"TTL of {t.check.ttl:g}s expired"))
         if self._tracked.get(wid) is t and t.check.deregister_after is not None:
             # Keep an expiry entry queued so deregister_after is honoured without heartbeats.
