@@ -193,15 +193,7 @@ class Appliance:
         if "egress" in roles:
             await self._start_egress()
         if "dns" in roles:
-            try:
-                self.dns = DnsServer(
-                    cfg.dns.corefile, cfg.dns.listen, self.holder, base_dir=str(data_dir)
-                )
-                await self.dns.start()
-            except DnsError as e:
-                raise StartupError(f"dns: {e}") from None
-            except OSError as e:
-                raise StartupError(f"cannot listen on {cfg.dns.listen}: {e.strerror}") from None
+            await self._start_dns()
         if self.trust is not None:
             self._tasks.append(asyncio.create_task(self.trust.manager.run(), name="identity"))
         if cfg.monitor.enabled:
@@ -242,15 +234,7 @@ class Appliance:
                 extra={"control": cfg.agent.control},
             )
         await self._start_egress()
-        try:
-            self.dns = DnsServer(
-                cfg.dns.corefile, cfg.dns.listen, self.holder, base_dir=str(cfg.data_dir)
-            )
-            await self.dns.start()
-        except DnsError as e:
-            raise StartupError(f"dns: {e}") from None
-        except OSError as e:
-            raise StartupError(f"cannot listen on {cfg.dns.listen}: {e.strerror}") from None
+        await self._start_dns()
         if cfg.metrics.enabled:
             self.metrics_address = await self._serve(metrics_app(), cfg.metrics.listen)
         self._tasks.append(asyncio.create_task(self.trust.manager.run(), name="identity"))
@@ -263,6 +247,18 @@ class Appliance:
                 "identity": str(self.trust.credentials.spiffe_id),
             },
         )
+
+    async def _start_dns(self) -> None:
+        cfg = self.config
+        try:
+            self.dns = DnsServer(
+                cfg.dns.corefile, cfg.dns.listen, self.holder, base_dir=str(cfg.data_dir)
+            )
+            await self.dns.start()
+        except DnsError as e:
+            raise StartupError(f"dns: {e}") from None
+        except OSError as e:
+            raise StartupError(f"cannot listen on {cfg.dns.listen}: {e.strerror}") from None
 
     async def _start_egress(self) -> None:
         """In process with `workers: 1`; else N worker processes sharing the VIP listeners."""
