@@ -7,8 +7,10 @@ finish) and keeps the rest. Each listener is L4 or L7 by its port name (`vips.po
 An L4 connection learns its service from its local address (`table.by_vip`), then up to
 `connect_attempts` times: pick a destination (pinned for a cluster VIP), connect, and relay.
 - A local endpoint: a plain TCP connection and a zero-copy splice relay.
-- A remote cluster: a verified mutual-TLS tunnel to its ingress with the service SNI, taken
-  from a warm pool when one is ready (`pool.TunnelPool`), relayed with asyncio Protocols.
+- A remote cluster: a stream on a multiplexed mutual-TLS tunnel to its ingress
+  (`tunnelclient.TunnelClient`, `multiplex: true`, the default), or a TLS connection of its
+  own with the service SNI taken from a warm pool (`pool.TunnelPool`, `multiplex: false`);
+  relayed with asyncio Protocols.
 A failed connect is reported to the balancer (outlier detection) and the next attempt avoids
 the targets already tried. An L7 listener is served by `http.HttpProxy`.
 
@@ -43,6 +45,8 @@ from gateway.probe import GatewayProber, ProbeConfig
 from gateway.relay import ProtocolRelay, RelayConfig, RelayOutcome, SpliceRelay, splice_supported
 from gateway.sni import service_sni
 from gateway.tlsclient import ClientContexts
+from gateway.tunnel import MuxConfig
+from gateway.tunnelclient import TunnelClient
 from gateway.vips import ListenerSpec, Mode, Resolved, resolve, wanted_listeners
 
 __all__ = ["Egress", "EgressConfig"]
@@ -71,6 +75,8 @@ class EgressConfig:
     http_at_l7: bool = True  # HTTP port names go through the L7 proxy
     drain: float = 5.0  # seconds a removed listener's connections get to finish
     buffer_size: int = 1 << 20  # SO_RCVBUF/SO_SNDBUF of upstream sockets; 0 = kernel default
+    multiplex: bool = True  # remote clusters through multiplexed tunnels (else one TLS each)
+    mux: MuxConfig = field(default_factory=MuxConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
@@ -108,11 +114,19 @@ class Egress:
         self.balancer = balancer or Balancer(on_eject=ejection_listener(self.source_cluster))
         self.contexts = ClientContexts(credentials)
         self.pool = TunnelPool(config.pool, self.contexts)
+        self.tunnels = TunnelClient(
+            config.mux, self.contexts, config.connect_timeout, config.handshake_timeout
+        )
         self.prober = GatewayProber(
             config.probe, self.contexts, self.balancer, on_change=self._probe_changed
         )
         self.http = HttpProxy(
-            config.http, tables, self.balancer, self.contexts, lambda: self.source_cluster
+            config.http,
+            tables,
+            self.balancer,
+            self.contexts,
+            lambda: self.source_cluster,
+            tunnels=self.tunnels if config.multiplex else None,
         )
         self._listeners: dict[tuple[IPAddress, int], _Listener] = {}
         self._retiring: set[asyncio.Task[None]] = set()
@@ -138,6 +152,7 @@ class Egress:
         """Open the listeners of the current table and follow every later one."""
         self._started = True
         self.pool.start()
+        self.tunnels.start()
         self._unsubscribe = self._tables.subscribe(self._on_table)
         await self.sync(self._tables.current)
 
@@ -155,6 +170,7 @@ class Egress:
             await asyncio.gather(*self._retiring, return_exceptions=True)
         await self.http.close()
         await self.pool.close()
+        await self.tunnels.close()
 
     # --- listeners follow the table ------------------------------------------------------
 
@@ -192,6 +208,7 @@ class Egress:
             for g in d.gateways
         }  # fmt: skip
         self.pool.retain(gateways)
+        self.tunnels.retain(gateways)
         self.prober.update(table)
 
     async def _open(self, spec: ListenerSpec) -> _Listener:
@@ -341,14 +358,18 @@ class Egress:
         gateway = choice.gateway
         assert gateway is not None
         sni = service_sni(port_name, choice.route.service, choice.cluster, table.trust_domain)
-        tunnel = await self.pool.acquire(gateway, sni, choice.cluster)
         relay = ProtocolRelay(relay_cfg, loop)
-        tunnel.transport.set_protocol(relay.b)
-        relay.b.attach(tunnel.transport)
+        upstream: asyncio.Transport
+        if self.config.multiplex:
+            upstream = await self.tunnels.open(gateway, choice.cluster, table.trust_domain, sni)
+        else:
+            upstream = (await self.pool.acquire(gateway, sni, choice.cluster)).transport
+        upstream.set_protocol(relay.b)
+        relay.b.attach(upstream)
         try:
             await loop.connect_accepted_socket(lambda: relay.a, client)
         except BaseException:
-            tunnel.transport.abort()
+            upstream.abort()
             raise
         return relay
 
@@ -401,4 +422,5 @@ class Egress:
     def _probe_changed(self, target: Target, down: bool) -> None:
         if down:
             self.pool.drop_gateway(target.ident)
+            self.tunnels.drop_gateway(target.ident)
             self.http.drop_gateway(target.ident)

@@ -49,3 +49,12 @@ class UpstreamError(GatewayError):
 
 class ConnectFailed(UpstreamError):
     """No connection (TCP refused or timed out, TLS handshake refused or timed out)."""
+
+
+class StreamReset(UpstreamError):
+    """A multiplexed stream was reset by the other side (or its tunnel went away)."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"stream reset: {reason}" + (f" ({detail})" if detail else ""))
+        self.reason = reason
+        self.detail = detail

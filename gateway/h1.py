@@ -148,8 +148,14 @@ def _framing(fields: list[tuple[bytes, bytes]]) -> tuple[BodyKind | None, int]:
     return (BodyKind.LENGTH, n) if n else (BodyKind.NONE, 0)
 
 
-def _rebuild(first: bytes, lines: list[bytes], fields: list[tuple[bytes, bytes]],
-             drop: set[bytes], prefix: bytes | None, extra: bytes) -> bytes | None:
+def _rebuild(
+    first: bytes,
+    lines: list[bytes],
+    fields: list[tuple[bytes, bytes]],
+    drop: set[bytes],
+    prefix: bytes | None,
+    extra: bytes,
+) -> bytes | None:
     """The head without dropped fields (None when nothing is dropped and nothing added)."""
     keep = [
         line for line, (name, _) in zip(lines, fields, strict=True)
@@ -292,7 +298,7 @@ class BodyScanner:
                 if len(self._line) > MAX_CHUNK_LINE:
                     raise H1Error(400, "chunk line too long")
                 break
-            line = self._line + data[i:nl + 1]
+            line = self._line + data[i : nl + 1]
             self._line = b""
             i = nl + 1
             if len(line) > MAX_CHUNK_LINE:

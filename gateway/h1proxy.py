@@ -347,7 +347,7 @@ class FastServer:
         assert gateway is not None
         sni = service_sni(port_name, choice.route.service, choice.cluster, table.trust_domain)
         host, port = split_host_port(gateway)
-        return UpstreamKey(host, port, gateway, sni, choice.cluster)
+        return UpstreamKey(host, port, gateway, sni, choice.cluster, table.trust_domain)
 
     async def _try(
         self,

@@ -1,7 +1,8 @@
 """Keep-alive HTTP/1.1 connections from the egress to destinations, for the L7 fast path.
 
-An `UpstreamConn` is an asyncio Protocol on a plain TCP connection (local endpoint) or on a
-verified mutual-TLS tunnel to a remote ingress (`pool.dial_tunnel`, with session resumption).
+An `UpstreamConn` is an asyncio Protocol on a plain TCP connection (local endpoint), on a
+stream of a multiplexed tunnel to a remote ingress (`tunnelclient.TunnelClient`), or on a
+mutual-TLS connection of its own to that ingress (`pool.dial_tunnel`, with session resumption).
 It carries one `Exchange` (request -> response) at a time; the response head is parsed with
 `h1.parse_response_head` and the body's end found with `h1.BodyScanner`, so the connection can
 go back to the `UpstreamPool` as soon as the response is complete. Body bytes are either
@@ -22,6 +23,7 @@ from gateway.h1 import BodyKind, BodyScanner, H1Error, ResponseHead, parse_respo
 from gateway.metrics import Outcome
 from gateway.pool import dial_tunnel
 from gateway.tlsclient import ClientContexts
+from gateway.tunnelclient import TunnelClient
 
 __all__ = ["Exchange", "UpstreamClosed", "UpstreamConn", "UpstreamKey", "UpstreamPool"]
 
@@ -37,6 +39,7 @@ class UpstreamKey:
     gateway: str | None = None  # "host:port" of a remote ingress (TLS), None for plain TCP
     sni: str | None = None
     cluster: str | None = None
+    trust_domain: str | None = None
 
 
 class Exchange:
@@ -240,8 +243,10 @@ class UpstreamPool:
         handshake_timeout: float,
         keepalive_timeout: float,
         max_idle_per_key: int = 256,
+        tunnels: TunnelClient | None = None,
     ) -> None:
         self.contexts = contexts
+        self.tunnels = tunnels
         self.connect_timeout = connect_timeout
         self.handshake_timeout = handshake_timeout
         self.keepalive_timeout = keepalive_timeout
@@ -275,6 +280,13 @@ class UpstreamPool:
         """A new connection to `key` (raises ConnectFailed)."""
         loop = asyncio.get_running_loop()
         self.dials += 1
+        if key.gateway is not None and self.tunnels is not None:
+            assert key.sni is not None and key.cluster is not None and key.trust_domain
+            stream = await self.tunnels.open(key.gateway, key.cluster, key.trust_domain, key.sni)
+            conn = UpstreamConn(key, stream.connection.generation)
+            stream.set_protocol(conn)
+            conn.connection_made(stream)
+            return conn
         if key.gateway is not None:
             assert key.sni is not None and key.cluster is not None
             tunnel = await dial_tunnel(

@@ -36,6 +36,7 @@ from gateway.metrics import Flow, GatewayKind, Outcome, flow
 from gateway.retry import RetryBudget, RetryPolicy
 from gateway.sni import service_sni
 from gateway.tlsclient import ClientContexts
+from gateway.tunnelclient import TunnelClient
 from gateway.vips import resolve
 
 __all__ = ["HttpConfig", "HttpProxy", "clean_request_headers", "clean_response_headers"]
@@ -119,6 +120,7 @@ class HttpProxy:
         contexts: ClientContexts,
         source_cluster: Callable[[], str],
         clock: Callable[[], float] = time.monotonic,
+        tunnels: TunnelClient | None = None,
     ) -> None:
         self.config = config
         self._tables = tables
@@ -131,7 +133,11 @@ class HttpProxy:
         self._session: aiohttp.ClientSession | None = None
         self.retries = 0  # retries sent (for status and tests)
         self.upstreams = UpstreamPool(
-            contexts, config.connect_timeout, config.handshake_timeout, config.keepalive_timeout
+            contexts,
+            config.connect_timeout,
+            config.handshake_timeout,
+            config.keepalive_timeout,
+            tunnels=tunnels,
         )
         self._servers: weakref.WeakSet[FastServer] = weakref.WeakSet()
         self._sweeper: asyncio.Task[None] | None = None

@@ -47,7 +47,8 @@ from gateway.clienthello import (
 from gateway.errors import RoutingError, SniError
 from gateway.metrics import GatewayKind, Outcome, flow, record_rejection
 from gateway.relay import ProtocolRelay, RelayConfig, RelayOutcome
-from gateway.sni import FederationSni, ProbeSni, ServiceSni, parse_sni
+from gateway.sni import FederationSni, ProbeSni, ServiceSni, TunnelSni, parse_sni
+from gateway.tunnel import MuxConfig, MuxConnection, MuxStream
 
 __all__ = ["FederationHandler", "Ingress", "IngressConfig"]
 
@@ -73,6 +74,7 @@ class IngressConfig:
     backlog: int = 1024
     reuse_port: bool = False  # several worker processes share the port
     relay: RelayConfig = field(default_factory=RelayConfig)
+    mux: MuxConfig = field(default_factory=MuxConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +101,7 @@ class Ingress:
         self._accept_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._relays: set[ProtocolRelay] = set()
+        self._tunnels: set[MuxConnection] = set()
         self._pending = 0
 
     @property
@@ -137,6 +140,8 @@ class Ingress:
             await asyncio.gather(self._accept_task, return_exceptions=True)
         if self._listener is not None:
             self._listener.close()
+        for conn in list(self._tunnels):
+            conn.goaway("draining")  # egresses open new streams elsewhere; these may finish
         if drain > 0 and self._tasks:
             await asyncio.wait(set(self._tasks), timeout=drain)
         for relay in list(self._relays):
@@ -200,6 +205,14 @@ class Ingress:
                 conn = await self._federation_handshake(sock, peer)
                 if conn is not None:
                     conn.writer.close()
+                return
+            if isinstance(target, TunnelSni):
+                conn = await self._tunnel_handshake(sock, peer)
+                if conn is None:
+                    return
+                self._pending -= 1
+                pending = False
+                await self._serve_tunnel(conn)
                 return
             if isinstance(target, FederationSni):
                 conn = await self._federation_handshake(sock, peer)
@@ -271,6 +284,67 @@ class Ingress:
         writer = asyncio.StreamWriter(transport, protocol, reader, loop)  # type: ignore[arg-type]
         return VerifiedConnection(reader, writer, sid)
 
+    async def _tunnel_handshake(self, sock: socket.socket, peer: str) -> MuxConnection | None:
+        loop = asyncio.get_running_loop()
+        conn = MuxConnection(self.config.mux, server=True, label=peer)
+        try:
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: conn,
+                sock,
+                ssl=self._credentials.server_context(require_client_cert=True),
+                ssl_handshake_timeout=self.config.handshake_timeout,
+            )
+        except (OSError, ssl.SSLError, TimeoutError, EOFError) as exc:
+            record_failure(classify(exc), side="server", peer=peer)
+            sock.close()
+            return None
+        sid = self._verify(transport, peer, self._tables.current)
+        if sid is None:
+            transport.abort()
+            return None
+        # Streams are served only now that the peer is verified (an OPEN that came with the
+        # handshake waited in the connection until here).
+        conn.set_open_handler(lambda stream, target: self._open_stream(stream, target, sid, peer))
+        return conn
+
+    async def _serve_tunnel(self, conn: MuxConnection) -> None:
+        self._tunnels.add(conn)
+        try:
+            await asyncio.shield(conn.closed)
+        finally:
+            self._tunnels.discard(conn)
+            if not conn.lost:
+                conn.abort()
+
+    def _open_stream(self, stream: MuxStream, target: str, sid: SpiffeId, peer: str) -> None:
+        if len(self._tasks) >= self.config.max_connections:
+            self._refuse(None, peer, _Refusal("connection_limit", "too many connections"))
+            stream.reset("connection_limit", "too many connections")
+            return
+        task = asyncio.get_running_loop().create_task(self._serve_stream(stream, target, sid, peer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve_stream(self, stream: MuxStream, target: str, sid: SpiffeId, peer: str) -> None:
+        started = time.monotonic()
+        table = self._tables.current
+        routed = _route_name(target, table)
+        if not isinstance(routed, tuple):
+            refusal = (
+                routed if isinstance(routed, _Refusal)
+                else _Refusal("unknown_sni", f"{target} is reserved, not a service")
+            )  # fmt: skip
+            self._refuse(None, f"{peer} stream {stream.id}", refusal)
+            stream.reset(refusal.reason, refusal.detail)
+            return
+        route, port_name = routed
+        relay = ProtocolRelay(self.config.relay)
+        try:
+            await self._relay_to_endpoint(relay, route, port_name, table, sid, started, stream)
+        except asyncio.CancelledError:
+            stream.abort()
+            raise
+
     def _verify(
         self, transport: asyncio.BaseTransport, peer: str, table: RoutingTable
     ) -> SpiffeId | None:
@@ -302,13 +376,23 @@ class Ingress:
         table: RoutingTable,
         sid: SpiffeId,
         started: float,
+        stream: MuxStream | None = None,
     ) -> None:
+        """Connect an endpoint to `relay.b` and relay. `relay.a` is the peer's TLS connection
+        (already attached) or, for a tunnel, `stream`: attached and accepted once the endpoint
+        is connected, or reset with the outcome if none could be."""
         f = flow(GatewayKind.INGRESS, sid.cluster, str(route.service), table.cluster)
         choice = await self._connect_endpoint(relay, route, port_name, table.cluster)
         if isinstance(choice, Outcome):
             f.connection_failed(choice, time.monotonic() - started)
             relay.abort()
+            if stream is not None:
+                stream.reset(choice.value, f"no endpoint of {route.service} could be reached")
             return
+        if stream is not None:
+            stream.set_protocol(relay.a)
+            relay.a.attach(stream)
+            stream.accept()
         self._relays.add(relay)
         f.connection_opened()
         try:
@@ -376,14 +460,21 @@ class Ingress:
 
 def _route(
     hello: ClientHello, table: RoutingTable
-) -> tuple[ServiceRoute, str] | FederationSni | ProbeSni | _Refusal:
+) -> tuple[ServiceRoute, str] | FederationSni | ProbeSni | TunnelSni | _Refusal:
+    return _route_name(hello.server_name, table)
+
+
+def _route_name(
+    server_name: str, table: RoutingTable
+) -> tuple[ServiceRoute, str] | FederationSni | ProbeSni | TunnelSni | _Refusal:
+    """What a server name (a ClientHello's, or a tunnel stream's target) reaches here."""
     try:
-        sni = parse_sni(hello.server_name, table.trust_domain)
+        sni = parse_sni(server_name, table.trust_domain)
     except SniError as err:
         return _Refusal("unknown_sni", str(err))
     if sni.cluster != table.cluster:
-        return _Refusal("unknown_sni", f"{hello.server_name} names cluster {sni.cluster}")
-    if isinstance(sni, FederationSni | ProbeSni):
+        return _Refusal("unknown_sni", f"{server_name} names cluster {sni.cluster}")
+    if isinstance(sni, FederationSni | ProbeSni | TunnelSni):
         return sni
     assert isinstance(sni, ServiceSni)
     route = table.get(sni.service)

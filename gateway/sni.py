@@ -4,7 +4,9 @@
   service's port *name* (a DNS label; names are what local endpoints agree on, numbers are not);
 - peering: the reserved `federation.<cluster>.<trust_domain>`;
 - health probes of an ingress: the reserved `probe.<cluster>.<trust_domain>` (the ingress
-  completes the mutual-TLS handshake and closes; no endpoint or peering handler is involved).
+  completes the mutual-TLS handshake and closes; no endpoint or peering handler is involved);
+- multiplexed tunnels: the reserved `tunnel.<cluster>.<trust_domain>` (`gateway.mux`: each
+  stream names its service port with a service SNI in its OPEN frame).
 
 The trust domain may contain dots, so a name is parsed against a known trust domain: strip
 `.<trust_domain>`, then two labels left mean peering and four mean a service.
@@ -21,18 +23,22 @@ __all__ = [
     "FEDERATION_LABEL",
     "MAX_SNI",
     "PROBE_LABEL",
+    "TUNNEL_LABEL",
     "FederationSni",
     "ProbeSni",
     "ServiceSni",
+    "TunnelSni",
     "federation_sni",
     "parse_sni",
     "probe_sni",
     "service_sni",
+    "tunnel_sni",
     "validate_trust_domain",
 ]
 
 FEDERATION_LABEL = "federation"
 PROBE_LABEL = "probe"
+TUNNEL_LABEL = "tunnel"
 MAX_SNI = 253
 
 
@@ -64,6 +70,15 @@ class ProbeSni:
 
     def __str__(self) -> str:
         return f"{PROBE_LABEL}.{self.cluster}.{self.trust_domain}"
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelSni:
+    cluster: str
+    trust_domain: str
+
+    def __str__(self) -> str:
+        return f"{TUNNEL_LABEL}.{self.cluster}.{self.trust_domain}"
 
 
 def validate_trust_domain(trust_domain: str) -> str:
@@ -113,7 +128,16 @@ def probe_sni(cluster: str, trust_domain: str) -> str:
     return _check_length(str(ProbeSni(cluster, trust_domain)))
 
 
-def parse_sni(server_name: str, trust_domain: str) -> ServiceSni | FederationSni | ProbeSni:
+def tunnel_sni(cluster: str, trust_domain: str) -> str:
+    """Format the reserved SNI of a multiplexed tunnel to `cluster`'s ingress."""
+    _check_label("cluster", cluster)
+    validate_trust_domain(trust_domain)
+    return _check_length(str(TunnelSni(cluster, trust_domain)))
+
+
+def parse_sni(
+    server_name: str, trust_domain: str
+) -> ServiceSni | FederationSni | ProbeSni | TunnelSni:
     """Parse a server name under `trust_domain`; raises SniError saying what is wrong."""
     if not server_name.isascii():  # lower() would fold e.g. KELVIN SIGN into "k"
         raise SniError(f"server name {server_name!r} is not ASCII")
@@ -129,10 +153,14 @@ def parse_sni(server_name: str, trust_domain: str) -> ServiceSni | FederationSni
     if len(labels) == 2 and labels[0] == PROBE_LABEL:
         _check_label("cluster", labels[1])
         return ProbeSni(labels[1], trust_domain)
+    if len(labels) == 2 and labels[0] == TUNNEL_LABEL:
+        _check_label("cluster", labels[1])
+        return TunnelSni(labels[1], trust_domain)
     if len(labels) != 4:
         raise SniError(
             f"server name {server_name!r} is neither <port>.<name>.<namespace>.<cluster>."
-            f"{trust_domain} nor {FEDERATION_LABEL}|{PROBE_LABEL}.<cluster>.{trust_domain}"
+            f"{trust_domain} nor {FEDERATION_LABEL}|{PROBE_LABEL}|{TUNNEL_LABEL}.<cluster>."
+            f"{trust_domain}"
         )
     port, svc, namespace, cluster = labels
     _check_label("port name", port)

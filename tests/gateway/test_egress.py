@@ -21,6 +21,8 @@ from gw_topology import (
     topology,
 )
 
+from gateway.egress import EgressConfig
+
 pytestmark = pytest.mark.timeout(60)
 
 
@@ -39,7 +41,8 @@ async def tcp_round_trip(host: str, payload: bytes, port: int = TCP_PORT) -> byt
 
 
 async def test_l4_local_and_remote_with_pool_and_resumption(pki: Pki) -> None:
-    async with asyncio.timeout(30), topology(pki) as topo:
+    config = EgressConfig(vip_cidr="127.241.0.0/16", multiplex=False)
+    async with asyncio.timeout(30), topology(pki, config=config) as topo:
         payload = b"x" * 300_000
         assert await tcp_round_trip(str(EAST_ONLY_VIP), payload) == payload
         for i in range(4):
@@ -51,6 +54,29 @@ async def test_l4_local_and_remote_with_pool_and_resumption(pki: Pki) -> None:
         while pool.resumed == 0:
             await asyncio.sleep(0.01)
         assert pool.resumed < pool.dials  # the first one cannot resume
+
+
+async def test_l4_remote_streams_share_tunnels(pki: Pki) -> None:
+    """With multiplexing (the default) every remote connection is a stream: concurrent ones
+    share at most `mux.connections` TLS connections to the ingress and need no handshake."""
+    async with asyncio.timeout(30), topology(pki) as topo:
+        payloads = [b"%d" % i * (1000 + 50_000 * i) for i in range(8)]
+        got = await asyncio.gather(*(tcp_round_trip(str(WEST_ONLY_VIP), p) for p in payloads))
+        assert got == payloads
+        for i in range(4):
+            data = b"%d" % i * 1000
+            assert await tcp_round_trip(str(WEST_ONLY_VIP), data) == data
+        tunnels = topo.egress.tunnels
+        assert tunnels.streams_opened == 12
+        assert 1 <= tunnels.dials <= topo.egress.config.mux.connections
+        assert topo.egress.pool.dials == 0
+        # Closed streams leave their connections: nothing is left open.
+        conns = tunnels.connections(topo.west.gateway)
+        for _ in range(100):
+            if not any(c.streams for c in conns):
+                break
+            await asyncio.sleep(0.01)
+        assert conns and not any(c.streams for c in conns)
 
 
 async def get_many(
@@ -293,14 +319,22 @@ async def test_identity_swap_keeps_connections(pki: Pki) -> None:
         writer.write(b"one")
         assert await reader.readexactly(3) == b"one"
         assert topo.east.credentials is not None
-        dials = topo.egress.pool.dials
+        tunnels = topo.egress.tunnels
+        old = tunnels.connections(topo.west.gateway)
+        dials = tunnels.dials
         renewed = issue_identity(pki.east_ca, "gateway", "east-gw")  # type: ignore[arg-type]
         topo.east.credentials.update(identity=renewed)
         assert await tcp_round_trip(str(WEST_ONLY_VIP), b"new") == b"new"
-        assert topo.egress.pool.dials > dials  # no idle tunnel of the old identity was reused
-        writer.write(b"two")
+        assert tunnels.dials > dials  # no tunnel of the old identity takes new streams
+        assert all(c.going_away for c in old)
+        writer.write(b"two")  # ... but the stream it carries goes on
         assert await reader.readexactly(3) == b"two"
         writer.close()
+        for _ in range(200):  # and once that stream is done, the old tunnel closes
+            if all(c.lost for c in old):
+                break
+            await asyncio.sleep(0.01)
+        assert all(c.lost for c in old)
 
 
 async def test_garbage_on_an_l4_port_is_relayed_and_resets_are_contained(pki: Pki) -> None:

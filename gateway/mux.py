@@ -1,0 +1,233 @@
+"""The tunnel's multiplexing protocol, sans-IO: frames, their decoder, and stream windows.
+
+One mutual-TLS connection from an egress to a remote ingress carries many streams (the
+reserved SNI `tunnel.<cluster>.<trust_domain>`), so a new client connection or HTTP keep-alive
+stream to a remote service costs a frame instead of a TCP and TLS handshake, and the frames of
+many streams share one TLS record and one system call per event-loop turn.
+
+Every frame is a 9-byte header, then `length` payload bytes:
+
+    type: u8 | stream: u32 | length: u32        (network byte order)
+
+| type   | sent by | payload                     | meaning                                   |
+|--------|---------|-----------------------------|-------------------------------------------|
+| OPEN   | egress  | target SNI (ASCII)          | open stream `stream` to that service port |
+| ACCEPT | ingress | empty                       | the ingress reached an endpoint           |
+| DATA   | both    | bytes                       | stream bytes (counted against the window) |
+| FIN    | both    | empty                       | no more bytes this way (half-close)       |
+| RESET  | both    | `<reason>: <detail>` (UTF-8) | the stream is over, both ways             |
+| WINDOW | both    | u32 increment               | the sender may send that many more bytes  |
+| PING   | both    | 8 bytes                     | answered by PONG with the same payload    |
+| PONG   | both    | 8 bytes                     |                                           |
+| GOAWAY | both    | reason (UTF-8)              | no new streams on this connection         |
+
+Streams are opened by the egress only, with odd, increasing ids. Flow control is per stream:
+each side may have at most `window` unacknowledged DATA bytes in flight per stream, and the
+receiver grants more (WINDOW) as it hands bytes on. The whole connection's buffering is so
+bounded by streams x window, and a slow stream never blocks a fast one.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+
+from gateway.errors import ProtocolError
+
+__all__ = [
+    "HEADER",
+    "MAX_REASON",
+    "MAX_TARGET",
+    "FrameDecoder",
+    "FrameType",
+    "MuxProtocolError",
+    "RecvWindow",
+    "SendWindow",
+    "encode",
+    "parse_reset",
+    "reset_payload",
+]
+
+HEADER = struct.Struct("!BII")
+MAX_TARGET = 253  # an SNI
+MAX_REASON = 512
+DEFAULT_MAX_PAYLOAD = 1 << 20
+
+
+class FrameType(enum.IntEnum):
+    OPEN = 1
+    ACCEPT = 2
+    DATA = 3
+    FIN = 4
+    RESET = 5
+    WINDOW = 6
+    PING = 7
+    PONG = 8
+    GOAWAY = 9
+
+
+_FIXED_SIZE = {
+    FrameType.ACCEPT: 0,
+    FrameType.FIN: 0,
+    FrameType.WINDOW: 4,
+    FrameType.PING: 8,
+    FrameType.PONG: 8,
+}
+_MAX_SIZE = {FrameType.OPEN: MAX_TARGET, FrameType.RESET: MAX_REASON, FrameType.GOAWAY: MAX_REASON}
+_WINDOW = struct.Struct("!I")
+_TYPES = frozenset(int(t) for t in FrameType)
+_DATA = int(FrameType.DATA)
+
+
+class MuxProtocolError(ProtocolError):
+    """The peer broke the framing: the whole connection is unusable."""
+
+
+def encode(kind: FrameType, stream: int, payload: bytes = b"") -> bytes:
+    return HEADER.pack(kind, stream, len(payload)) + payload
+
+
+def window_payload(increment: int) -> bytes:
+    return _WINDOW.pack(increment)
+
+
+def parse_window(payload: bytes) -> int:
+    return int(_WINDOW.unpack(payload)[0])
+
+
+def reset_payload(reason: str, detail: str = "") -> bytes:
+    text = f"{reason}: {detail}" if detail else reason
+    return text.encode("utf-8", "replace")[:MAX_REASON]
+
+
+def parse_reset(payload: bytes) -> tuple[str, str]:
+    """(reason, detail) of a RESET payload; tolerant of anything the peer sent."""
+    text = payload.decode("utf-8", "replace")
+    reason, _, detail = text.partition(": ")
+    return reason or "reset", detail
+
+
+class FrameDecoder:
+    """Cuts a byte stream into frames; raises MuxProtocolError on framing the peer broke.
+
+    `feed` returns (type, stream, payload) triples. Header fields are checked before the
+    payload is buffered, so a bad length never makes us wait for (or hold) its bytes."""
+
+    __slots__ = ("_have", "_need", "_parts", "max_payload")
+
+    def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
+        self.max_payload = max_payload
+        # A partial frame waits as a list of chunks and is joined once complete: a 1 MiB frame
+        # that arrives in 16 KiB TLS records is copied once, not once per record.
+        self._parts: list[bytes] = []
+        self._have = 0
+        self._need = HEADER.size  # bytes that complete the frame waiting in _parts
+
+    @property
+    def buffered(self) -> int:
+        return self._have
+
+    def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
+        if self._parts:
+            self._parts.append(data)
+            self._have += len(data)
+            if self._have < self._need:
+                return []
+            buf = b"".join(self._parts)
+            self._parts = []
+        else:
+            buf = data
+        frames: list[tuple[int, int, bytes]] = []
+        pos = 0
+        end = len(buf)
+        unpack = HEADER.unpack_from
+        need = HEADER.size
+        while end - pos >= 9:
+            kind, stream, length = unpack(buf, pos)
+            if kind != _DATA or not stream or length > self.max_payload:
+                self._check(kind, stream, length)
+            stop = pos + 9 + length
+            if stop > end:
+                need = 9 + length
+                break
+            frames.append((kind, stream, buf[pos + 9 : stop]))
+            pos = stop
+        if pos < end:
+            rest = buf[pos:]
+            self._parts = [rest]
+            self._have = len(rest)
+            self._need = need
+        else:
+            self._have = 0
+            self._need = HEADER.size
+        return frames
+
+    def _check(self, code: int, stream: int, length: int) -> None:
+        if code not in _TYPES:
+            raise MuxProtocolError(f"unknown frame type {code}")
+        kind = FrameType(code)
+        fixed = _FIXED_SIZE.get(kind)
+        if fixed is not None and length != fixed:
+            raise MuxProtocolError(f"{kind.name} frame of {length} bytes, expected {fixed}")
+        limit = _MAX_SIZE.get(kind, self.max_payload)
+        if length > limit:
+            raise MuxProtocolError(f"{kind.name} frame of {length} bytes, limit {limit}")
+        conn_level = kind in (FrameType.PING, FrameType.PONG, FrameType.GOAWAY)
+        if conn_level != (stream == 0):
+            raise MuxProtocolError(
+                f"{kind.name} frame on stream {stream}: expected "
+                + ("stream 0" if conn_level else "a stream id > 0")
+            )
+
+
+class SendWindow:
+    """How many DATA bytes we may still send on a stream."""
+
+    __slots__ = ("credit",)
+
+    def __init__(self, initial: int) -> None:
+        self.credit = initial
+
+    def take(self, wanted: int) -> int:
+        n = min(wanted, self.credit)
+        self.credit -= n
+        return n
+
+    def grant(self, increment: int) -> None:
+        if increment <= 0 or self.credit + increment > 1 << 31:
+            raise MuxProtocolError(f"window increment {increment} is out of range")
+        self.credit += increment
+
+
+class RecvWindow:
+    """DATA bytes the peer may still send on a stream, and the credit we owe it back.
+
+    Bytes count as consumed when they were handed on; credit goes back in batches of at least
+    `window // 4`, so a stream of small messages costs no WINDOW frame per message."""
+
+    __slots__ = ("allowed", "consumed", "threshold", "window")
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.allowed = window
+        self.consumed = 0
+        self.threshold = max(1, window // 4)
+
+    def receive(self, n: int) -> None:
+        if n > self.allowed:
+            raise MuxProtocolError(f"{n} bytes sent with only {self.allowed} of window left")
+        self.allowed -= n
+
+    def consume(self, n: int, grant: bool = True) -> int:
+        """Record `n` bytes handed on; return the increment to send now (0: none yet). With
+        `grant` False (the reader is paused) the credit is held back until `release`."""
+        self.consumed += n
+        if not grant or self.consumed < self.threshold:
+            return 0
+        return self.release()
+
+    def release(self) -> int:
+        """All consumed bytes back as credit now (e.g. reading resumed)."""
+        n, self.consumed = self.consumed, 0
+        self.allowed += n
+        return n
