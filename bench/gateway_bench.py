@@ -61,8 +61,10 @@ ISTHMUS_INGRESS = ("127.0.61.1", 15443)
 ISTHMUS_VIP = "127.244.0.1"
 HAP_INGRESS = ("127.0.62.1", 16443)
 HAP_EGRESS = "127.0.62.2"
-PORTS = {"http": 9080, "tcp-bulk": 9081, "tcp-echo": 9082}
-BACKEND_PORTS = {"http": NGINX[1], "tcp-bulk": SINK[1], "tcp-echo": ECHO[1]}
+# "tcp-web" is nginx again under a non-HTTP port name: the same requests relayed at L4 (no
+# parsing, no retries), to show what the L7 work costs on top of the tunnel.
+PORTS = {"http": 9080, "tcp-bulk": 9081, "tcp-echo": 9082, "tcp-web": 9083}
+BACKEND_PORTS = {"http": NGINX[1], "tcp-bulk": SINK[1], "tcp-echo": ECHO[1], "tcp-web": NGINX[1]}
 
 
 # --- helper processes -----------------------------------------------------------------------
@@ -129,6 +131,13 @@ frontend egress_bulk
 backend west_bulk
     mode tcp
     server west {ingress} {tls} sni str({sni_bulk})
+frontend egress_echo
+    mode tcp
+    bind {vip}:{echo_port}
+    default_backend west_echo
+backend west_echo
+    mode tcp
+    server west {ingress} {tls} sni str({sni_echo})
 """
 
 HAPROXY_INGRESS = """
@@ -146,10 +155,13 @@ frontend ingress
     tcp-request content accept
     use_backend http if {{ ssl_fc_sni -i {sni_http} }}
     use_backend bulk if {{ ssl_fc_sni -i {sni_bulk} }}
+    use_backend echo if {{ ssl_fc_sni -i {sni_echo} }}
 backend http
     server nginx {nginx}
 backend bulk
     server sink {sink}
+backend echo
+    server echo {echo}
 """
 
 
@@ -339,9 +351,7 @@ def spawn(procs: list[Proc], name: str, cmd: list[str]) -> Proc:
     return proc
 
 
-async def start_isthmus(
-    pem: Pem, args: argparse.Namespace, pooled: bool
-) -> tuple[WorkerPool, WorkerPool]:
+async def start_isthmus(pem: Pem, args: argparse.Namespace) -> tuple[WorkerPool, WorkerPool]:
     east_table, west_table = tables()
     ingress = WorkerPool(
         WorkerSpec(
@@ -355,7 +365,6 @@ async def start_isthmus(
     egress_cfg = EgressConfig(
         vip_cidr="127.244.0.0/16",
         probe=ProbeConfig(interval=5.0),
-        pool=PoolConfig(size=8 if pooled else 0),
         relay=RelayConfig(idle_timeout=120),
     )
     egress = WorkerPool(
@@ -372,12 +381,13 @@ def start_haproxy(procs: list[Proc], pem: Pem, d: Path, args: argparse.Namespace
     snis = {
         "sni_http": service_sni("http", SERVICE, "west", TD),
         "sni_bulk": service_sni("tcp-bulk", SERVICE, "west", TD),
+        "sni_echo": service_sni("tcp-echo", SERVICE, "west", TD),
     }
     ingress_cfg = d / "haproxy-ingress.cfg"
     ingress_cfg.write_text(HAPROXY_INGRESS.format(
         threads=args.workers, ingress=f"{HAP_INGRESS[0]}:{HAP_INGRESS[1]}",
         server_pem=pem.west_haproxy, bundle=pem.bundle, nginx=f"{NGINX[0]}:{NGINX[1]}",
-        sink=f"{SINK[0]}:{SINK[1]}", **snis,
+        sink=f"{SINK[0]}:{SINK[1]}", echo=f"{ECHO[0]}:{ECHO[1]}", **snis,
     ))  # fmt: skip
     egress_cfg = d / "haproxy-egress.cfg"
     # The egress HAProxy does not verify the ingress certificate: with `sni` set, HAProxy 2.6
@@ -386,6 +396,7 @@ def start_haproxy(procs: list[Proc], pem: Pem, d: Path, args: argparse.Namespace
     # SPIFFE ID both ways, so this leaves HAProxy with less work, not more.
     egress_cfg.write_text(HAPROXY_EGRESS.format(
         threads=args.workers, vip=HAP_EGRESS, http_port=PORTS["http"], bulk_port=PORTS["tcp-bulk"],
+        echo_port=PORTS["tcp-echo"],
         ingress=f"{HAP_INGRESS[0]}:{HAP_INGRESS[1]}",
         tls=f"ssl crt {pem.east_haproxy} ca-file {pem.bundle} verify none", **snis,
     ))  # fmt: skip
@@ -431,19 +442,22 @@ async def main() -> None:
             wait_port(host, port)
         haproxy = start_haproxy(procs, pem, d, args)
         hap_pids = [pid for h in haproxy for pid in h.pids()]
-        egress, ingress = await start_isthmus(pem, args, pooled=True)
+        egress, ingress = await start_isthmus(pem, args)
         isthmus_pids = egress.pids + ingress.pids
         try:
             results = {
                 "direct": run_wrk(f"http://{NGINX[0]}:{NGINX[1]}/", args, []),
                 "isthmus": run_wrk(f"http://{ISTHMUS_VIP}:{PORTS['http']}/", args, isthmus_pids),
                 "haproxy": run_wrk(f"http://{HAP_EGRESS}:{PORTS['http']}/", args, hap_pids),
+                "isthmus-l4": run_wrk(
+                    f"http://{ISTHMUS_VIP}:{PORTS['tcp-web']}/", args, isthmus_pids
+                ),
             }
             print("\nHTTP keep-alive, cross-cluster (client -> egress -> mTLS -> ingress -> nginx)")
-            print(f"{'path':<10}{'req/s':>12}{'p99 ms':>10}{'errors':>8}{'gw CPU/1k rps':>16}")
+            print(f"{'path':<12}{'req/s':>12}{'p99 ms':>10}{'errors':>8}{'gw CPU/1k rps':>16}")
             for name, r in results.items():
                 cpu = f"{r.cpu_per_krps:.3f}" if name != "direct" else "-"
-                print(f"{name:<10}{r.rps:>12.0f}{r.p99_ms:>10.2f}{r.errors:>8}{cpu:>16}")
+                print(f"{name:<12}{r.rps:>12.0f}{r.p99_ms:>10.2f}{r.errors:>8}{cpu:>16}")
             i, h = results["isthmus"], results["haproxy"]
             print(f"isthmus/haproxy req/s = {i.rps / h.rps:.2f}x, p99 = {i.p99_ms / h.p99_ms:.2f}x,"
                   f" isthmus/direct req/s = {i.rps / results['direct'].rps:.2f}x")  # fmt: skip
@@ -459,26 +473,37 @@ async def main() -> None:
                 secs, conc = args.connect_seconds, args.connect_concurrency
                 print(f"\nNew connections/s to a remote service ({conc} concurrent, 1-byte echo)")
                 direct_c, _ = new_connections(ECHO[0], ECHO[1], secs, conc)
-                pooled_c, pooled_err = new_connections(ISTHMUS_VIP, PORTS["tcp-echo"], secs, conc)
+                mux_c, mux_err = new_connections(ISTHMUS_VIP, PORTS["tcp-echo"], secs, conc)
+                hap_c, hap_err = new_connections(HAP_EGRESS, PORTS["tcp-echo"], secs, conc)
         finally:
             await egress.stop(drain=0)
         if not args.skip_connect:
-            egress, _unused = await start_isthmus_egress_only(pem, args)
-            try:
-                cold_c, cold_err = new_connections(ISTHMUS_VIP, PORTS["tcp-echo"], secs, conc)
-            finally:
-                await egress.stop(drain=0)
-            print(f"direct {direct_c:.0f}  isthmus pooled {pooled_c:.0f} (errors {pooled_err})  "
-                  f"isthmus unpooled {cold_c:.0f} (errors {cold_err})  "
-                  f"pooled/unpooled = {pooled_c / cold_c:.2f}x")  # fmt: skip
+            per_conn = {}
+            for label, size in (("warm pool", 8), ("unpooled", 0)):
+                egress, _unused = await start_isthmus_egress_only(pem, args, size)
+                try:
+                    per_conn[label] = new_connections(ISTHMUS_VIP, PORTS["tcp-echo"], secs, conc)
+                finally:
+                    await egress.stop(drain=0)
+            pool_c, pool_err = per_conn["warm pool"]
+            cold_c, cold_err = per_conn["unpooled"]
+            print(f"direct {direct_c:.0f}  haproxy {hap_c:.0f} (errors {hap_err})\n"
+                  f"isthmus multiplexed {mux_c:.0f} (errors {mux_err})  "
+                  f"one TLS connection each: warm pool {pool_c:.0f} (errors {pool_err}), "
+                  f"unpooled {cold_c:.0f} (errors {cold_err})\n"
+                  f"multiplexed/unpooled = {mux_c / cold_c:.2f}x, "
+                  f"isthmus multiplexed/haproxy = {mux_c / hap_c:.2f}x")  # fmt: skip
         await ingress.stop(drain=0)
 
 
-async def start_isthmus_egress_only(pem: Pem, args: argparse.Namespace) -> tuple[WorkerPool, None]:
-    """An egress without a warm pool (size 0), in front of the ingress still running."""
+async def start_isthmus_egress_only(
+    pem: Pem, args: argparse.Namespace, pool_size: int
+) -> tuple[WorkerPool, None]:
+    """An egress with one TLS connection per client connection (multiplexing off) and a warm
+    pool of `pool_size`, in front of the ingress still running."""
     east_table, _ = tables()
     cfg = EgressConfig(vip_cidr="127.244.0.0/16", probe=ProbeConfig(interval=5.0),
-                       pool=PoolConfig(size=0))  # fmt: skip
+                       multiplex=False, pool=PoolConfig(size=pool_size))  # fmt: skip
     egress = WorkerPool(
         WorkerSpec(TlsPaths(str(pem.east_cert), str(pem.east_key), str(pem.bundle)), "east",
                    egress=replace(cfg)),

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from gateway.errors import ProtocolError
 
@@ -46,6 +46,22 @@ _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # controls except HTAB
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
 _END = b"\r\n\r\n"
 MAX_CHUNK_LINE = 4096
+# A whole field block that follows the rules above, checked in one pass of the regex engine:
+# token names, a colon right after, values without controls (HTAB allowed), CRLF line ends.
+_FIELD_BLOCK = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n)*")
+# The fields a proxy decides on (framing, connection handling, what it drops); every other
+# field is forwarded untouched, so the fast path looks only for these (in a lowered copy).
+_SPECIAL_NAMES = frozenset(
+    {
+        b"connection", b"content-length", b"transfer-encoding", b"expect", b"upgrade",
+        b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"proxy-authorization",
+        b"te", b"trailer",
+    }
+)  # fmt: skip
+_SPECIAL = re.compile(
+    rb"\r\n(" + b"|".join(re.escape(n) for n in sorted(_SPECIAL_NAMES, key=len, reverse=True))
+    + rb"|x-isthmus-[!#$%&'*+\-.^_`|~0-9a-z]*):"
+)
 
 
 class H1Error(ProtocolError):
@@ -63,8 +79,7 @@ class BodyKind(enum.Enum):
     UNTIL_CLOSE = "until_close"  # responses only: the body ends when the server closes
 
 
-@dataclass(frozen=True, slots=True)
-class RequestHead:
+class RequestHead(NamedTuple):
     method: str
     target: bytes
     version: bytes  # b"HTTP/1.1" or b"HTTP/1.0"
@@ -77,8 +92,7 @@ class RequestHead:
     size: int  # bytes the head took in the input
 
 
-@dataclass(frozen=True, slots=True)
-class ResponseHead:
+class ResponseHead(NamedTuple):
     status: int
     body: BodyKind
     length: int
@@ -166,14 +180,74 @@ def _rebuild(
     return b"\r\n".join([first, *keep]) + b"\r\n" + extra + b"\r\n"
 
 
+class _Fields(NamedTuple):
+    """The fields a decision depends on, and how to forward the head without some of them."""
+
+    decisive: list[tuple[bytes, bytes]]  # (lower name, value): special fields (fast) or all
+    spans: list[tuple[int, int]] | None  # fast: line spans of `decisive` in head + CRLF
+    lines: list[bytes] | None  # full parse: every field line
+
+
+def _scan(head: bytes, first_end: int) -> _Fields:
+    """The field block after the first line: one regex pass validates it, a second finds the
+    special fields. Falls back to the line-by-line parser, which names the problem, when the
+    block breaks a rule or `Connection` names other fields to drop."""
+    if first_end < 0:
+        return _Fields([], [], None)
+    block = head[first_end:] + b"\r\n"  # CRLF <field> CRLF ... <field> CRLF
+    if _FIELD_BLOCK.fullmatch(block, 2) is not None:
+        decisive: list[tuple[bytes, bytes]] = []
+        spans: list[tuple[int, int]] = []
+        for m in _SPECIAL.finditer(block.lower()):
+            end = block.index(b"\r\n", m.end())
+            decisive.append((m.group(1), block[m.end() : end].strip(b" \t")))
+            spans.append((first_end + m.start() + 2, first_end + end + 2))
+        if _connection_tokens(decisive) <= _SPECIAL_NAMES | {b"close"}:
+            return _Fields(decisive, spans, None)
+    lines = head[first_end + 2 :].split(b"\r\n")
+    return _Fields(_fields(lines), None, lines)
+
+
+def _forward(
+    head: bytes,
+    first_end: int,
+    scanned: _Fields,
+    drop: frozenset[bytes] | set[bytes],
+    prefix: bytes | None,
+    extra: bytes,
+) -> bytes:
+    """The head to forward: without the dropped fields, with `extra` lines, ending CRLF CRLF."""
+    if scanned.lines is not None:
+        first = head if first_end < 0 else head[:first_end]
+        rebuilt = _rebuild(first, scanned.lines, scanned.decisive, drop, prefix, extra)
+        return head + _END if rebuilt is None else rebuilt
+    assert scanned.spans is not None
+    cut = [
+        span for (name, _), span in zip(scanned.decisive, scanned.spans, strict=True)
+        if name in drop or (prefix is not None and name.startswith(prefix))
+    ]  # fmt: skip
+    if not cut and not extra:
+        return head + _END
+    src = head + b"\r\n"
+    pieces = []
+    pos = 0
+    for start, stop in cut:
+        pieces.append(src[pos:start])
+        pos = stop
+    pieces.append(src[pos:])
+    pieces.append(extra)
+    pieces.append(b"\r\n")
+    return b"".join(pieces)
+
+
 def parse_request_head(buf: bytes | bytearray, max_size: int = 8190) -> RequestHead | None:
     """The request head at the start of `buf`, or None while it is incomplete."""
     found = _head(buf, max_size)
     if found is None:
         return None
     head, size = found
-    lines = head.split(b"\r\n")
-    first = lines[0]
+    first_end = head.find(b"\r\n")
+    first = head if first_end < 0 else head[:first_end]
     parts = first.split(b" ")
     if len(parts) != 3:
         raise H1Error(400, "malformed request line")
@@ -184,7 +258,8 @@ def parse_request_head(buf: bytes | bytearray, max_size: int = 8190) -> RequestH
         if version.startswith(b"HTTP/") and len(version) == 8:
             raise H1Error(505, "HTTP version not supported")
         raise H1Error(400, "malformed request line")
-    fields = _fields(lines[1:])
+    scanned = _scan(head, first_end)
+    fields = scanned.decisive
     tokens = _connection_tokens(fields)
     kind, length = _framing(fields)
     if kind is None:
@@ -200,10 +275,9 @@ def parse_request_head(buf: bytes | bytearray, max_size: int = 8190) -> RequestH
     drop = HOP_BY_HOP | (tokens - {b"transfer-encoding", b"content-length", b"host"})
     if expect:
         drop = drop | {b"expect"}  # the proxy answers 100 Continue itself and sends the body
-    forward = _rebuild(first, lines[1:], fields, drop, RESERVED_PREFIX, b"")
     return RequestHead(
         method.decode("ascii"), target, version, kind, length, keep_alive, expect, upgrade,
-        forward if forward is not None else head + _END, size,
+        _forward(head, first_end, scanned, drop, RESERVED_PREFIX, b""), size,
     )  # fmt: skip
 
 
@@ -217,8 +291,8 @@ def parse_response_head(
     if found is None:
         return None
     head, size = found
-    lines = head.split(b"\r\n")
-    first = lines[0]
+    first_end = head.find(b"\r\n")
+    first = head if first_end < 0 else head[:first_end]
     version, _, rest = first.partition(b" ")
     code = rest[:3]
     if (
@@ -232,7 +306,8 @@ def parse_response_head(
         raise H1Error(502, "control character in the status line")
     status = int(code)
     try:
-        fields = _fields(lines[1:])
+        scanned = _scan(head, first_end)
+        fields = scanned.decisive
         tokens = _connection_tokens(fields)
         kind, length = _framing(fields)
     except H1Error as err:
@@ -244,10 +319,8 @@ def parse_response_head(
         kind, keep_alive = BodyKind.UNTIL_CLOSE, False
     extra = b"Connection: close\r\n" if kind is BodyKind.UNTIL_CLOSE else b""
     drop = HOP_BY_HOP | (tokens - {b"transfer-encoding", b"content-length"})
-    forward = _rebuild(first, lines[1:], fields, drop, None, extra)
-    return ResponseHead(
-        status, kind, length, keep_alive, forward if forward is not None else head + _END, size
-    )
+    forward = _forward(head, first_end, scanned, drop, None, extra)
+    return ResponseHead(status, kind, length, keep_alive, forward, size)
 
 
 class BodyScanner:

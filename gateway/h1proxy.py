@@ -19,9 +19,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from http import HTTPStatus
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from federation.routing import RoutingTable
 from gateway.balancer import Choice, FailureKind, Target
@@ -74,8 +74,8 @@ class _Client(asyncio.Protocol):
     """One client connection on a VIP listener."""
 
     __slots__ = (
-        "buf", "close_after", "continued", "handed_off", "idle_since", "paused", "resolved",
-        "server", "sockname", "streaming", "task", "transport",
+        "buf", "close_after", "continued", "flight", "handed_off", "idle_since", "paused",
+        "resolved", "server", "sockname", "streaming", "task", "transport",
     )  # fmt: skip
 
     def __init__(self, server: FastServer) -> None:
@@ -84,6 +84,7 @@ class _Client(asyncio.Protocol):
         self.sockname: tuple[str, int] | None = None
         self.buf = bytearray()
         self.task: asyncio.Task[None] | None = None
+        self.flight: _Flight | None = None  # a request on the fast path (no task)
         self.paused = False
         self.close_after = False
         self.continued = False  # 100 Continue sent for the request being read
@@ -98,9 +99,14 @@ class _Client(asyncio.Protocol):
         self.sockname = (sockname[0], sockname[1]) if sockname else None
         self.server.clients.add(self)
 
+    @property
+    def busy(self) -> bool:
+        """A request is in flight (on the fast path or in a task)."""
+        return self.task is not None or self.flight is not None
+
     def data_received(self, data: bytes) -> None:
         self.buf += data
-        if self.task is None:
+        if self.task is None and self.flight is None:
             self._next()
         elif len(self.buf) > READ_LIMIT and not self.paused:
             self.paused = True
@@ -108,9 +114,9 @@ class _Client(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.close_after = True
-        if self.task is None:
+        if not self.busy:
             self._next()
-            if self.task is None and not self.handed_off:
+            if not self.busy and not self.handed_off:
                 self.transport.close()  # type: ignore[union-attr]
         return True  # keep the write side open for the answer in flight
 
@@ -118,6 +124,8 @@ class _Client(asyncio.Protocol):
         self.server.clients.discard(self)
         if self.task is not None:
             self.task.cancel()
+        if self.flight is not None:
+            self.flight.cancel()
 
     def pause_writing(self) -> None:
         if self.streaming is not None:
@@ -161,16 +169,25 @@ class _Client(asyncio.Protocol):
         del self.buf[:end]
         if not head.keep_alive or self.server.closing:
             self.close_after = True
-        self.task = asyncio.get_running_loop().create_task(self.server.forward(self, head, body))
+        if not self.server.start_flight(self, head, body):
+            self.run(self.server.forward(self, head, body))
+
+    def run(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Serve the current request in a task (dialling, retries, big bodies)."""
+        self.task = asyncio.get_running_loop().create_task(coro)
         self.task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self.task = None
-        self.idle_since = time.monotonic()
         if not task.cancelled() and task.exception() is not None:
             log.error("http fast path failed", extra={"error": repr(task.exception())})
             self.transport.abort()  # type: ignore[union-attr]
             return
+        self.request_done()
+
+    def request_done(self) -> None:
+        """The response went out: close, or start the next request already buffered."""
+        self.idle_since = time.monotonic()
         if self.close_after or self.server.closing:
             self.transport.close()  # type: ignore[union-attr]
             return
@@ -235,6 +252,9 @@ class FastServer:
         self.closing = False
         self._keys: dict[tuple[Target, str], UpstreamKey] = {}
         self._keys_table: RoutingTable | None = None
+        self.flights: set[_Flight] = set()
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._tick = min(1.0, cfg.retry.per_try_timeout / 4)
 
     def __call__(self) -> _Client:
         return _Client(self)
@@ -248,7 +268,7 @@ class FastServer:
         """Close client connections idle (or stuck in a partial head) for too long."""
         now = time.monotonic()
         for client in list(self.clients):
-            if client.task is None and now - client.idle_since > keepalive_timeout:
+            if not client.busy and now - client.idle_since > keepalive_timeout:
                 if client.transport is not None:
                     client.transport.close()
                 self.clients.discard(client)
@@ -257,7 +277,7 @@ class FastServer:
         """Close idle connections now; requests in flight get `timeout` seconds."""
         self.closing = True
         for client in list(self.clients):
-            if client.task is None and client.transport is not None:
+            if not client.busy and client.transport is not None:
                 client.transport.close()
         waits = []
         if self._fallback is not None:
@@ -267,19 +287,71 @@ class FastServer:
 
     async def _wait_clients(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while any(c.task is not None for c in self.clients) and time.monotonic() < deadline:
+        while any(c.busy for c in self.clients) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         for client in list(self.clients):
             if client.task is not None:
                 client.task.cancel()
+            if client.flight is not None:
+                client.flight.cancel()
             if client.transport is not None:
                 client.transport.abort()
         self.clients.clear()
 
+    # --- one request, fast path ---------------------------------------------------------
+
+    def start_flight(self, client: _Client, head: RequestHead, body: bytes) -> bool:
+        """Send the request on an idle keep-alive connection, driven by callbacks (no task,
+        no future, no timer of its own). False: not possible here (no idle connection to the
+        chosen target, nothing routable): the caller runs `forward` in a task instead."""
+        proxy = self.proxy
+        target = client.target(proxy.tables.current)
+        if target is None:
+            return False
+        balancer = proxy.balancer
+        try:
+            choice = balancer.pick(target.route, target.pinned_cluster)
+            key = self._key(choice, target.port_name)
+        except (RoutingError, _Retry):
+            return False
+        conn = self.upstreams.take(key)
+        if conn is None:
+            return False
+        proxy.budget.record_request()
+        balancer.begin(choice)
+        flight = _Flight(self, client, head, body, choice, conn)
+        client.flight = flight
+        self.flights.add(flight)
+        if self._deadline_timer is None:
+            self._deadline_timer = asyncio.get_running_loop().call_later(
+                self._tick, self._check_deadlines
+            )
+        flight.ex = conn.start(head.method, head.forward + body if body else head.forward, flight)
+        return True
+
+    def _check_deadlines(self) -> None:
+        """Per-try timeouts of fast-path requests, checked a few times per timeout period."""
+        self._deadline_timer = None
+        now = time.monotonic()
+        for flight in [f for f in self.flights if f.deadline < now and not f.streaming]:
+            flight.timed_out()
+        if self.flights:
+            self._deadline_timer = asyncio.get_running_loop().call_later(
+                self._tick, self._check_deadlines
+            )
+
     # --- one request ----------------------------------------------------------------------
 
-    async def forward(self, client: _Client, head: RequestHead, body: bytes) -> None:
-        started = time.monotonic()
+    async def forward(
+        self,
+        client: _Client,
+        head: RequestHead,
+        body: bytes,
+        started: float | None = None,
+        first: tuple[Target, _Retry] | None = None,
+    ) -> None:
+        """Serve one request with retries; `first` is a try that already failed (fast path)."""
+        started = time.monotonic() if started is None else started
         proxy = self.proxy
         table = proxy.tables.current
         target = client.target(table)
@@ -292,10 +364,13 @@ class FastServer:
             return
         policy = proxy.config.retry
         retriable = policy.retriable_request(head.method, True)
-        proxy.budget.record_request()
         tried: frozenset[Target] = frozenset()
         failure = _Retry(Outcome.NO_HEALTHY_DESTINATION, 503, "no destination")
-        for attempt in range(policy.attempts):
+        if first is None:
+            proxy.budget.record_request()
+        else:
+            tried, failure = frozenset({first[0]}), first[1]
+        for attempt in range(0 if first is None else 1, policy.attempts):
             if attempt and not (retriable and proxy.budget.try_withdraw()):
                 break
             try:
@@ -427,3 +502,160 @@ class FastServer:
             balancer.end(choice)
             if conn is not None:
                 upstreams.release(conn, ex is not None and ex.reusable)
+
+
+def _outcome(status: int) -> Outcome:
+    if status < 400:
+        return Outcome.OK
+    return Outcome.HTTP_4XX if status < 500 else Outcome.HTTP_5XX
+
+
+class _Flight:
+    """One request on the fast path: the exchange's callbacks drive it to its end.
+
+    Anything but a plain success leaves the fast path: a failure or a retriable 5xx before
+    the response went out hands the request to `FastServer.forward` (in a task) as a first
+    try that failed, so retries, the budget and the final error answer are the slow path's."""
+
+    __slots__ = (
+        "body", "choice", "client", "conn", "deadline", "ex", "head", "server", "started",
+        "streaming",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        server: FastServer,
+        client: _Client,
+        head: RequestHead,
+        body: bytes,
+        choice: Choice,
+        conn: UpstreamConn,
+    ) -> None:
+        self.server = server
+        self.client = client
+        self.head = head
+        self.body = body
+        self.choice = choice
+        self.conn = conn
+        self.ex: Exchange | None = None
+        self.started = time.monotonic()
+        self.deadline = self.started + server.proxy.config.retry.per_try_timeout
+        self.streaming = False  # the response head went out; its body follows as it comes
+
+    # --- exchange callbacks ---------------------------------------------------------------
+
+    def on_head(self, ex: Exchange) -> None:
+        rhead = ex.head
+        assert rhead is not None
+        proxy = self.server.proxy
+        if rhead.status >= 500:
+            proxy.balancer.report_failure(self.choice, FailureKind.HTTP_5XX)
+            if proxy.config.retry.retriable_status(rhead.status):
+                ex.abandon()
+                self._retry(_Retry(Outcome.HTTP_5XX, rhead.status,
+                                   f"upstream answered {rhead.status}"))  # fmt: skip
+                return
+        if rhead.body is BodyKind.UNTIL_CLOSE:
+            self.client.close_after = True
+        inline = rhead.body is BodyKind.NONE or (
+            rhead.body is BodyKind.LENGTH and rhead.length <= INLINE_BODY
+        )
+        if not inline:
+            client = self.client
+            client.write_response(rhead.forward)
+            self.streaming = True
+            client.streaming = self.conn
+            ex.set_sink(client.transport)
+
+    def on_done(self, ex: Exchange, complete: bool) -> None:
+        if not complete:
+            self.on_fail(ex, UpstreamError("the response body was cut short"))
+            return
+        rhead = ex.head
+        assert rhead is not None
+        client = self.client
+        proxy = self.server.proxy
+        choice = self.choice
+        if rhead.status < 500:
+            proxy.balancer.report_success(choice)
+        if self.streaming:
+            client.streaming = None
+            ex.set_sink(None)
+        else:
+            client.write_response(
+                rhead.forward, ex.take_body() if self.head.method != "HEAD" else b""
+            )
+        f = flow(GatewayKind.EGRESS, proxy.source_cluster(), str(choice.route.service),
+                 choice.cluster)  # fmt: skip
+        f.request(_outcome(rhead.status), time.monotonic() - self.started)
+        if self.body:
+            f.sent.inc(len(self.body))
+        if ex.received:
+            f.received.inc(ex.received)
+        self._end(ex.reusable)
+        client.request_done()
+
+    def on_fail(self, ex: Exchange, exc: Exception) -> None:
+        self.server.proxy.balancer.report_failure(self.choice, FailureKind.CONNECT)
+        if self.streaming:
+            self._broke()
+            return
+        if ex.head is not None:
+            self._retry(_Retry(Outcome.RESET, 502, f"upstream body failed: {exc!r}"))
+        else:
+            self._retry(_Retry(Outcome.CONNECT_ERROR, 502, f"upstream failed: {exc!r}"))
+
+    # --- endings ----------------------------------------------------------------------------
+
+    def timed_out(self) -> None:
+        if self.ex is not None:
+            self.ex.abandon()
+        self.server.proxy.balancer.report_failure(self.choice, FailureKind.CONNECT)
+        self._retry(_Retry(Outcome.CONNECT_TIMEOUT, 504, "upstream timed out"))
+
+    def cancel(self) -> None:
+        """The client went away."""
+        if self.ex is not None:
+            self.ex.abandon()
+        self._end(False)
+
+    def _broke(self) -> None:
+        """The response broke after its head went out: too late to retry."""
+        client = self.client
+        client.streaming = None
+        choice = self.choice
+        flow(GatewayKind.EGRESS, self.server.proxy.source_cluster(), str(choice.route.service),
+             choice.cluster).request(Outcome.RESET, time.monotonic() - self.started)  # fmt: skip
+        log.info(
+            "http response broke",
+            extra={"service": str(choice.route.service), "cluster": choice.cluster},
+        )
+        self._end(False)
+        client.close_after = True
+        client.transport.abort()  # type: ignore[union-attr]
+
+    def _retry(self, failure: _Retry) -> None:
+        if self.client.flight is not self:
+            return  # the client went away meanwhile
+        choice = self.choice
+        log.info(
+            "http try failed",
+            extra={"service": str(choice.route.service), "cluster": choice.cluster,
+                   "target": choice.target.ident, "attempt": 1,
+                   "outcome": failure.outcome.value, "detail": str(failure)},
+        )  # fmt: skip
+        self._end(False)
+        client = self.client
+        if client.transport is None or client.transport.is_closing():
+            return
+        client.run(self.server.forward(client, self.head, self.body, self.started,
+                                       (choice.target, failure)))  # fmt: skip
+
+    def _end(self, reusable: bool) -> None:
+        server = self.server
+        if self.client.flight is not self:
+            return  # ended already
+        self.client.flight = None
+        server.flights.discard(self)
+        server.proxy.balancer.end(self.choice)
+        server.upstreams.release(self.conn, reusable)

@@ -17,6 +17,7 @@ import collections
 import contextlib
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 from gateway.errors import ConnectFailed, UpstreamError
 from gateway.h1 import BodyKind, BodyScanner, H1Error, ResponseHead, parse_response_head
@@ -42,22 +43,43 @@ class UpstreamKey:
     trust_domain: str | None = None
 
 
+class Listener(Protocol):
+    """Callbacks of an exchange driven without a task (`h1proxy` fast path)."""
+
+    def on_head(self, ex: Exchange) -> None: ...
+    def on_done(self, ex: Exchange, complete: bool) -> None: ...
+    def on_fail(self, ex: Exchange, exc: Exception) -> None: ...
+
+
 class Exchange:
-    """One request and its response on an `UpstreamConn`."""
+    """One request and its response on an `UpstreamConn`.
+
+    Awaited through `head_ready` / `collect` / `stream_to`, or, with a `listener`, driven by
+    its callbacks (no futures, no task): `on_head` once the head is parsed, `on_done` when the
+    body is complete (or cut short), `on_fail` when the response broke before its end."""
 
     __slots__ = (
-        "_loop", "_parts", "_sink", "body_done", "buf", "conn", "extra", "head", "head_ready",
-        "method", "received", "scanner",
+        "_loop", "_parts", "_sink", "body_done", "buf", "conn", "extra", "finished", "head",
+        "head_ready", "listener", "method", "received", "scanner",
     )  # fmt: skip
 
-    def __init__(self, conn: UpstreamConn, method: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        conn: UpstreamConn,
+        method: str,
+        loop: asyncio.AbstractEventLoop,
+        listener: Listener | None = None,
+    ) -> None:
         self.conn = conn
         self.method = method
         self._loop = loop
+        self.listener = listener
         self.buf = bytearray()
         self.head: ResponseHead | None = None
-        self.head_ready: asyncio.Future[ResponseHead] = loop.create_future()
-        self.body_done: asyncio.Future[bool] = loop.create_future()  # True: complete
+        self.finished: bool | None = None  # True: body complete, False: cut short
+        if listener is None:
+            self.head_ready: asyncio.Future[ResponseHead] = loop.create_future()
+            self.body_done: asyncio.Future[bool] = loop.create_future()  # True: complete
         self.scanner: BodyScanner | None = None
         self._parts: list[bytes] = []
         self._sink: asyncio.Transport | None = None
@@ -85,10 +107,14 @@ class Exchange:
             rest = bytes(self.buf[head.size :])
             self.buf = bytearray()
             self.scanner = BodyScanner(head.body, head.length)
-            if not self.head_ready.done():
-                self.head_ready.set_result(head)
             if head.status == 101:  # we never ask for an upgrade: do not reuse
                 self.extra = True
+            if self.listener is not None:
+                self.listener.on_head(self)
+                if self.finished is not None:  # the listener gave up on the exchange
+                    return
+            elif not self.head_ready.done():
+                self.head_ready.set_result(head)
             if rest or self.scanner.done:
                 self._body(rest)
             return
@@ -119,6 +145,12 @@ class Exchange:
         if scanner.done:
             self._finish(True)
 
+    @property
+    def over(self) -> bool:
+        if self.listener is not None:
+            return self.finished is not None
+        return self.body_done.done()
+
     def eof(self) -> None:
         scanner = self.scanner
         if scanner is not None and scanner.kind is BodyKind.UNTIL_CLOSE:
@@ -130,6 +162,12 @@ class Exchange:
 
     def fail(self, exc: Exception) -> None:
         self.extra = True
+        if self.listener is not None:
+            if self.finished is None:
+                self.finished = False
+                self.listener.on_fail(self, exc)
+            self.conn.abort()
+            return
         if not self.head_ready.done():
             self.head_ready.set_exception(exc)
             self.head_ready.exception()  # retrieved: the proxy may be gone already
@@ -138,8 +176,33 @@ class Exchange:
         self.conn.abort()
 
     def _finish(self, ok: bool) -> None:
+        if self.listener is not None:
+            if self.finished is None:
+                self.finished = ok
+                self.listener.on_done(self, ok)
+            return
         if not self.body_done.done():
             self.body_done.set_result(ok)
+
+    def abandon(self) -> None:
+        """Listener mode: the proxy gives up on this response (e.g. a 5xx it will retry)."""
+        self.extra = True
+        if self.finished is None:
+            self.finished = False
+
+    def take_body(self) -> bytes:
+        """The collected body (listener mode, once `on_done` said it is complete)."""
+        parts, self._parts = self._parts, []
+        if not parts:
+            return b""
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def set_sink(self, sink: asyncio.Transport | None) -> None:
+        """Write body bytes (those collected so far, then the rest) straight to `sink`."""
+        if sink is not None and self._parts:
+            sink.writelines(self._parts)
+            self._parts = []
+        self._sink = sink
 
     # --- used by the proxy ------------------------------------------------------------------
 
@@ -164,20 +227,24 @@ class Exchange:
     @property
     def reusable(self) -> bool:
         head = self.head
-        return (
-            head is not None and head.keep_alive and not self.extra
-            and self.body_done.done() and self.body_done.result()
-        )  # fmt: skip
+        if head is None or not head.keep_alive or self.extra:
+            return False
+        if self.listener is not None:
+            return self.finished is True
+        return self.body_done.done() and self.body_done.result()
 
 
 class UpstreamConn(asyncio.Protocol):
-    __slots__ = ("exchange", "generation", "idle_since", "key", "lost", "on_idle_lost", "transport")
+    __slots__ = (
+        "exchange", "generation", "idle_since", "key", "loop", "lost", "on_idle_lost", "transport",
+    )  # fmt: skip
 
     def __init__(self, key: UpstreamKey, generation: int = 0) -> None:
         self.key = key
         self.generation = generation
         self.transport: asyncio.Transport | None = None
         self.exchange: Exchange | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.lost = False
         self.idle_since = 0.0
         self.on_idle_lost: collections.abc.Callable[[UpstreamConn], None] | None = None
@@ -201,7 +268,7 @@ class UpstreamConn(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         ex = self.exchange
-        if ex is not None and not ex.body_done.done():
+        if ex is not None and not ex.over:
             if ex.scanner is not None and ex.scanner.kind is BodyKind.UNTIL_CLOSE and exc is None:
                 ex.eof()
             else:
@@ -209,10 +276,15 @@ class UpstreamConn(asyncio.Protocol):
         elif ex is None and self.on_idle_lost is not None:
             self.on_idle_lost(self)
 
-    def start(self, method: str, data: bytes) -> Exchange:
+    def start(self, method: str, data: bytes, listener: Listener | None = None) -> Exchange:
         """Send one request (head and buffered body) and return its exchange."""
         assert self.transport is not None and self.exchange is None
-        ex = self.exchange = Exchange(self, method, asyncio.get_running_loop())
+        # The loop is looked up once per connection: asyncio.get_running_loop() costs a getpid()
+        # system call per call in CPython 3.11, which on this machine kind is several us.
+        loop = self.loop
+        if loop is None:
+            loop = self.loop = asyncio.get_running_loop()
+        ex = self.exchange = Exchange(self, method, loop, listener)
         self.transport.write(data)
         return ex
 
