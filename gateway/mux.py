@@ -169,7 +169,8 @@ class FrameDecoder:
         fixed = _FIXED_SIZE.get(kind)
         if fixed is not None and length != fixed:
             raise MuxProtocolError(f"{kind.name} frame of {length} bytes, expected {fixed}")
-        limit = _MAX_SIZE.get(kind, self.max_payload)
+        # max_payload bounds every frame we hold, control frames too (it may be under their cap).
+        limit = min(_MAX_SIZE.get(kind, self.max_payload), self.max_payload)
         if length > limit:
             raise MuxProtocolError(f"{kind.name} frame of {length} bytes, limit {limit}")
         conn_level = kind in (FrameType.PING, FrameType.PONG, FrameType.GOAWAY)

@@ -12,9 +12,10 @@ Writes of every stream go into one list that is joined and written to the TLS tr
 per event-loop turn: the frames of many streams share TLS records and a system call. The TLS
 transport's own back-pressure pauses every stream's writer.
 
-Close follows TCP: `close()` sends FIN after the buffered bytes, tells the protocol at once,
-and forgets the stream when the peer's FIN comes (or after `fin_timeout`, with a RESET); bytes
-that arrive after close are answered with RESET.
+Close follows TCP: `close()` sends FIN after the buffered bytes (even if the peer's FIN comes
+first), tells the protocol once the FIN is out (as asyncio transports do after their flush), and
+forgets the stream when the peer's FIN comes (or after `fin_timeout`, with a RESET); bytes that
+arrive after close are answered with RESET.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from gateway.errors import StreamReset
 from gateway.mux import (
     DEFAULT_MAX_PAYLOAD,
     HEADER,
+    MAX_TARGET,
     FrameDecoder,
     FrameType,
     MuxProtocolError,
@@ -307,13 +309,17 @@ class MuxConnection(asyncio.Protocol):
             raise RuntimeError("only the egress side opens streams")
         if not self.usable:
             raise StreamReset("going_away", f"tunnel to {self.label} takes no new streams")
+        # Checked here: the peer would take a bad OPEN for broken framing and drop every stream.
+        name = target.encode("ascii")  # UnicodeEncodeError is a ValueError
+        if len(name) > MAX_TARGET:
+            raise ValueError(f"target of {len(name)} bytes, limit {MAX_TARGET}")
         sid = self._next_id
         self._next_id += 2
         stream = MuxStream(self, sid, target)
         stream.accepted = self._loop.create_future()
         self.streams[sid] = stream
         self.opened += 1
-        self._queue(encode(FrameType.OPEN, sid, target.encode("ascii")))
+        self._queue(encode(FrameType.OPEN, sid, name))
         return stream
 
     def forget(self, stream: MuxStream) -> None:
@@ -466,6 +472,8 @@ class MuxStream(asyncio.Transport):
         if self._closing:  # TCP: bytes after close are answered with a reset
             self._conn.send_reset(self.id, "closed", "the stream was closed")
             self._finish()
+            # Told already if our FIN went out; if bytes still waited for window, they are lost.
+            self._notify(StreamReset("closed", "bytes arrived after close"))
             return
         n = len(payload)
         try:
@@ -493,7 +501,8 @@ class MuxStream(asyncio.Transport):
     def _on_fin(self) -> None:
         self.remote_fin = True
         if self._closing:
-            self._finish()
+            if self._fin_sent:  # else our FIN waits behind buffered bytes; sending it finishes
+                self._finish()
             return
         if self._rbuf or not self._can_deliver():
             self._rfin = True
@@ -600,7 +609,7 @@ class MuxStream(asyncio.Transport):
     # --- Transport: ending ----------------------------------------------------------------
 
     def close(self) -> None:
-        """FIN after the buffered bytes; the protocol learns at once (connection_lost)."""
+        """FIN after the buffered bytes; the protocol learns (connection_lost) once it is out."""
         if self._closing or self._done:
             return
         self._closing = True
