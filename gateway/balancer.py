@@ -30,6 +30,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from federation.routing import Destination, Endpoint, ServiceRoute
 from gateway.errors import NoDestination, NoHealthyDestination
@@ -56,17 +57,16 @@ class FailureKind(enum.StrEnum):
     HTTP_5XX = "5xx"
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
-    """What outlier detection and outstanding counts are kept for."""
+class Target(NamedTuple):
+    """What outlier detection and outstanding counts are kept for (a NamedTuple: it is hashed
+    several times per request, and a tuple hashes in C)."""
 
     cluster: str
     kind: TargetKind
     ident: str  # a local endpoint's workload id, or a gateway's "host:port"
 
 
-@dataclass(frozen=True, slots=True)
-class Choice:
+class Choice(NamedTuple):
     route: ServiceRoute
     destination: Destination
     target: Target
@@ -103,6 +103,16 @@ class OutlierPolicy:
         return min(self.base_ejection * 2.0 ** min(times_ejected - 1, 62), self.max_ejection)
 
 
+class _Members(NamedTuple):
+    """A destination's pickable members, built once per (immutable) Destination object."""
+
+    dest: Destination
+    targets: tuple[Target, ...]
+    weights: tuple[int, ...]
+    endpoints: tuple[Endpoint, ...]  # local: the healthy endpoints with weight > 0
+    gateways: tuple[str, ...]  # remote
+
+
 class _Outlier:
     """Passive health of one target."""
 
@@ -135,6 +145,7 @@ class Balancer:
         self._outliers: dict[Target, _Outlier] = {}
         self._exclude: frozenset[Target] = frozenset()  # of the pick in progress
         self._down: set[Target] = set()  # failed active probes; out like ejected targets
+        self._prepared: dict[int, _Members] = {}  # by id(Destination), checked by identity
 
     # --- what the data plane calls -------------------------------------------------------
 
@@ -277,7 +288,10 @@ class Balancer:
                 return False
             return ignore_ejections or self._has_capacity(d, now)
 
-        weighted = [d for d in route.destinations if d.weight > 0]
+        dests = route.destinations
+        if len(dests) == 1 and (dests[0].weight <= 0 or route.failover):
+            return dests[0] if usable(dests[0]) else None
+        weighted = [d for d in dests if d.weight > 0]
         if weighted:
             if not route.failover:
                 chosen = self._weighted(weighted, [d.weight for d in weighted])
@@ -301,17 +315,30 @@ class Balancer:
                 return self._weighted(tier, [d.healthy for d in tier])
         return None
 
-    def _members(self, dest: Destination) -> Sequence[Endpoint] | Sequence[str]:
+    def _prepare(self, dest: Destination) -> _Members:
+        m = self._prepared.get(id(dest))
+        if m is not None and m.dest is dest:
+            return m
+        if len(self._prepared) > 65536:  # tables replace destinations; drop the old ones
+            self._prepared.clear()
         if dest.local:
-            return [e for e in dest.endpoints if e.healthy and e.weight > 0]
-        return dest.gateways
+            eps = tuple(e for e in dest.endpoints if e.healthy and e.weight > 0)
+            targets = tuple(Target(dest.cluster, TargetKind.ENDPOINT, e.workload_id) for e in eps)
+            m = _Members(dest, targets, tuple(e.weight for e in eps), eps, ())
+        else:
+            gws = tuple(dest.gateways)
+            targets = tuple(Target(dest.cluster, TargetKind.GATEWAY, g) for g in gws)
+            m = _Members(dest, targets, (1,) * len(gws), (), gws)
+        self._prepared[id(dest)] = m
+        return m
+
+    def _members(self, dest: Destination) -> tuple[Target, ...]:
+        return self._prepare(dest).targets
 
     def _has_capacity(self, dest: Destination, now: float) -> bool:
-        kind = TargetKind.ENDPOINT if dest.local else TargetKind.GATEWAY
-        for m in self._members(dest):
-            ident = m.workload_id if isinstance(m, Endpoint) else m
-            target = Target(dest.cluster, kind, ident)
-            if target in self._exclude:
+        exclude = self._exclude
+        for target in self._prepare(dest).targets:
+            if target in exclude:
                 continue
             if not self._ejected_at(target, now):
                 return True
@@ -320,22 +347,18 @@ class Balancer:
     # --- choice within a cluster ---------------------------------------------------------
 
     def _within(self, route: ServiceRoute, dest: Destination, now: float, panic: bool) -> Choice:
+        m = self._prepare(dest)
+        index, set_panic = self._p2c(m.targets, m.weights, now, panic)
         if dest.local:
-            endpoints = [e for e in dest.endpoints if e.healthy and e.weight > 0]
-            targets = [Target(dest.cluster, TargetKind.ENDPOINT, e.workload_id) for e in endpoints]
-            weights = [e.weight for e in endpoints]
-        else:
-            targets = [Target(dest.cluster, TargetKind.GATEWAY, g) for g in dest.gateways]
-            weights = [1] * len(targets)
-        index, set_panic = self._p2c(targets, weights, now, panic)
-        if dest.local:
-            return Choice(route, dest, targets[index], endpoints[index], None, set_panic)
-        return Choice(route, dest, targets[index], None, dest.gateways[index], set_panic)
+            return Choice(route, dest, m.targets[index], m.endpoints[index], None, set_panic)
+        return Choice(route, dest, m.targets[index], None, m.gateways[index], set_panic)
 
     def _p2c(
-        self, targets: list[Target], weights: list[int], now: float, panic: bool
+        self, targets: Sequence[Target], weights: Sequence[int], now: float, panic: bool
     ) -> tuple[int, bool]:
         """Two samples by weight; the one with fewer outstanding requests wins, ties the first."""
+        if len(targets) == 1:  # no choice: only whether it is ejected (then: panic)
+            return 0, panic or self._ejected_at(targets[0], now)
         candidates = list(range(len(targets)))
         if self._exclude:
             fresh = [i for i in candidates if targets[i] not in self._exclude]

@@ -58,8 +58,13 @@ _SPECIAL_NAMES = frozenset(
         b"te", b"trailer",
     }
 )  # fmt: skip
+_TOKENS_FAST = _SPECIAL_NAMES | {b"close"}  # Connection tokens that name no other field
+_CLOSE_OR_KEEP_ALIVE = frozenset({b"close", b"keep-alive"})
+_KEEP_REQUEST = frozenset({b"transfer-encoding", b"content-length", b"host"})
+_KEEP_RESPONSE = frozenset({b"transfer-encoding", b"content-length"})
 _SPECIAL = re.compile(
-    rb"\r\n(" + b"|".join(re.escape(n) for n in sorted(_SPECIAL_NAMES, key=len, reverse=True))
+    rb"\r\n("
+    + b"|".join(re.escape(n) for n in sorted(_SPECIAL_NAMES, key=len, reverse=True))
     + rb"|x-isthmus-[!#$%&'*+\-.^_`|~0-9a-z]*):"
 )
 
@@ -132,13 +137,30 @@ def _connection_tokens(fields: list[tuple[bytes, bytes]]) -> set[bytes]:
     tokens: set[bytes] = set()
     for name, value in fields:
         if name == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b","))
+            if b"," in value:
+                tokens.update(t.strip().lower() for t in value.split(b","))
+            else:
+                tokens.add(value.lower())  # already stripped
     tokens.discard(b"")
     return tokens
 
 
 def _framing(fields: list[tuple[bytes, bytes]]) -> tuple[BodyKind | None, int]:
     """Content-Length / Transfer-Encoding; (None, 0) when neither is present."""
+    found: bytes | None = None
+    simple = True  # at most one Content-Length and no Transfer-Encoding
+    for n, v in fields:
+        if n == b"content-length":
+            simple = simple and found is None
+            found = v
+        elif n == b"transfer-encoding":
+            simple = False
+    if simple:
+        if found is None:
+            return None, 0
+        if found.isdigit() and len(found) <= 18:
+            size = int(found)
+            return (BodyKind.LENGTH, size) if size else (BodyKind.NONE, 0)
     lengths = {v for n, v in fields if n == b"content-length"}
     codings = [v for n, v in fields if n == b"transfer-encoding"]
     if codings:
@@ -186,6 +208,7 @@ class _Fields(NamedTuple):
     decisive: list[tuple[bytes, bytes]]  # (lower name, value): special fields (fast) or all
     spans: list[tuple[int, int]] | None  # fast: line spans of `decisive` in head + CRLF
     lines: list[bytes] | None  # full parse: every field line
+    tokens: set[bytes]  # of the Connection fields, lowered
 
 
 def _scan(head: bytes, first_end: int) -> _Fields:
@@ -193,7 +216,7 @@ def _scan(head: bytes, first_end: int) -> _Fields:
     special fields. Falls back to the line-by-line parser, which names the problem, when the
     block breaks a rule or `Connection` names other fields to drop."""
     if first_end < 0:
-        return _Fields([], [], None)
+        return _Fields([], [], None, set())
     block = head[first_end:] + b"\r\n"  # CRLF <field> CRLF ... <field> CRLF
     if _FIELD_BLOCK.fullmatch(block, 2) is not None:
         decisive: list[tuple[bytes, bytes]] = []
@@ -202,10 +225,19 @@ def _scan(head: bytes, first_end: int) -> _Fields:
             end = block.index(b"\r\n", m.end())
             decisive.append((m.group(1), block[m.end() : end].strip(b" \t")))
             spans.append((first_end + m.start() + 2, first_end + end + 2))
-        if _connection_tokens(decisive) <= _SPECIAL_NAMES | {b"close"}:
-            return _Fields(decisive, spans, None)
+        tokens = _connection_tokens(decisive) if decisive else set()
+        if tokens <= _TOKENS_FAST:
+            return _Fields(decisive, spans, None, tokens)
     lines = head[first_end + 2 :].split(b"\r\n")
-    return _Fields(_fields(lines), None, lines)
+    fields = _fields(lines)
+    return _Fields(fields, None, lines, _connection_tokens(fields))
+
+
+def _dropped(tokens: set[bytes], keep: frozenset[bytes]) -> frozenset[bytes] | set[bytes]:
+    """Fields not forwarded: hop-by-hop ones and those `Connection` names (except `keep`)."""
+    if tokens <= _CLOSE_OR_KEEP_ALIVE:
+        return HOP_BY_HOP
+    return HOP_BY_HOP | (tokens - keep)
 
 
 def _forward(
@@ -260,7 +292,7 @@ def parse_request_head(buf: bytes | bytearray, max_size: int = 8190) -> RequestH
         raise H1Error(400, "malformed request line")
     scanned = _scan(head, first_end)
     fields = scanned.decisive
-    tokens = _connection_tokens(fields)
+    tokens = scanned.tokens
     kind, length = _framing(fields)
     if kind is None:
         kind = BodyKind.NONE
@@ -268,11 +300,13 @@ def parse_request_head(buf: bytes | bytearray, max_size: int = 8190) -> RequestH
         keep_alive = b"close" not in tokens
     else:
         keep_alive = b"keep-alive" in tokens
-    expect = any(n == b"expect" and v.lower() == b"100-continue" for n, v in fields)
+    expect = bool(fields) and any(
+        n == b"expect" and v.lower() == b"100-continue" for n, v in fields
+    )
     upgrade = method == b"CONNECT" or (
         b"upgrade" in tokens and any(n == b"upgrade" for n, _ in fields)
     )
-    drop = HOP_BY_HOP | (tokens - {b"transfer-encoding", b"content-length", b"host"})
+    drop = _dropped(tokens, _KEEP_REQUEST)
     if expect:
         drop = drop | {b"expect"}  # the proxy answers 100 Continue itself and sends the body
     return RequestHead(
@@ -307,9 +341,8 @@ def parse_response_head(
     status = int(code)
     try:
         scanned = _scan(head, first_end)
-        fields = scanned.decisive
-        tokens = _connection_tokens(fields)
-        kind, length = _framing(fields)
+        tokens = scanned.tokens
+        kind, length = _framing(scanned.decisive)
     except H1Error as err:
         raise H1Error(502, f"bad response: {err}") from err
     keep_alive = (b"close" not in tokens) if version == b"HTTP/1.1" else (b"keep-alive" in tokens)
@@ -318,8 +351,7 @@ def parse_response_head(
     elif kind is None:
         kind, keep_alive = BodyKind.UNTIL_CLOSE, False
     extra = b"Connection: close\r\n" if kind is BodyKind.UNTIL_CLOSE else b""
-    drop = HOP_BY_HOP | (tokens - {b"transfer-encoding", b"content-length"})
-    forward = _forward(head, first_end, scanned, drop, None, extra)
+    forward = _forward(head, first_end, scanned, _dropped(tokens, _KEEP_RESPONSE), None, extra)
     return ResponseHead(status, kind, length, keep_alive, forward, size)
 
 

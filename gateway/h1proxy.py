@@ -28,7 +28,7 @@ from gateway.balancer import Choice, FailureKind, Target
 from gateway.errors import RoutingError, UpstreamError
 from gateway.h1 import BodyKind, H1Error, RequestHead, parse_request_head
 from gateway.h1upstream import Exchange, UpstreamConn, UpstreamKey, UpstreamPool
-from gateway.metrics import GatewayKind, Outcome, flow
+from gateway.metrics import Flow, GatewayKind, Outcome, flow
 from gateway.pool import split_host_port
 from gateway.sni import service_sni
 from gateway.vips import Resolved, resolve
@@ -142,6 +142,9 @@ class _Client(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing() or self.handed_off:
             return
+        if not self.buf:
+            self._resume()
+            return
         try:
             head = parse_request_head(self.buf, self.server.max_head)
         except H1Error as err:
@@ -250,7 +253,7 @@ class FastServer:
         self.max_buffered_body = cfg.retry.max_buffered_body
         self.clients: set[_Client] = set()
         self.closing = False
-        self._keys: dict[tuple[Target, str], UpstreamKey] = {}
+        self._keys: dict[tuple[Target, str], tuple[UpstreamKey, Flow]] = {}
         self._keys_table: RoutingTable | None = None
         self.flights: set[_Flight] = set()
         self._deadline_timer: asyncio.TimerHandle | None = None
@@ -311,7 +314,7 @@ class FastServer:
         balancer = proxy.balancer
         try:
             choice = balancer.pick(target.route, target.pinned_cluster)
-            key = self._key(choice, target.port_name)
+            key, f = self._key(choice, target.port_name)
         except (RoutingError, _Retry):
             return False
         conn = self.upstreams.take(key)
@@ -319,7 +322,7 @@ class FastServer:
             return False
         proxy.budget.record_request()
         balancer.begin(choice)
-        flight = _Flight(self, client, head, body, choice, conn)
+        flight = _Flight(self, client, head, body, choice, conn, f)
         client.flight = flight
         self.flights.add(flight)
         if self._deadline_timer is None:
@@ -401,15 +404,19 @@ class FastServer:
             error_response(failure.status, str(failure), head_only, client.close_after)
         )
 
-    def _key(self, choice: Choice, port_name: str) -> UpstreamKey:
+    def _key(self, choice: Choice, port_name: str) -> tuple[UpstreamKey, Flow]:
+        """Where `choice` is reached, and its metrics (cached per routing table)."""
         table = self.proxy.tables.current
         if table is not self._keys_table:  # SNIs and addresses follow the table
             self._keys.clear()
             self._keys_table = table
-        key = self._keys.get((choice.target, port_name))
-        if key is None:
-            key = self._keys[(choice.target, port_name)] = self._make_key(choice, port_name, table)
-        return key
+        found = self._keys.get((choice.target, port_name))
+        if found is None:
+            f = flow(GatewayKind.EGRESS, self.proxy.source_cluster(), str(choice.route.service),
+                     choice.cluster)  # fmt: skip
+            found = (self._make_key(choice, port_name, table), f)
+            self._keys[(choice.target, port_name)] = found
+        return found
 
     def _make_key(self, choice: Choice, port_name: str, table: RoutingTable) -> UpstreamKey:
         if choice.endpoint is not None:
@@ -433,7 +440,7 @@ class FastServer:
         port_name: str,
         started: float,
     ) -> None:
-        key = self._key(choice, port_name)
+        key, f = self._key(choice, port_name)
         proxy = self.proxy
         balancer = proxy.balancer
         upstreams = self.upstreams
@@ -466,8 +473,6 @@ class FastServer:
             status = rhead.status
             if status < 500:
                 balancer.report_success(choice)
-            f = flow(GatewayKind.EGRESS, proxy.source_cluster(), str(choice.route.service),
-                     choice.cluster)  # fmt: skip
             outcome = (
                 Outcome.OK if status < 400
                 else Outcome.HTTP_4XX if status < 500 else Outcome.HTTP_5XX
@@ -493,11 +498,7 @@ class FastServer:
                     client.close_after = True
                     client.transport.abort()  # type: ignore[union-attr]
                     return
-            f.request(outcome, time.monotonic() - started)
-            if body:
-                f.sent.inc(len(body))
-            if ex.received:
-                f.received.inc(ex.received)
+            f.request(outcome, time.monotonic() - started, len(body), ex.received)
         finally:
             balancer.end(choice)
             if conn is not None:
@@ -518,7 +519,7 @@ class _Flight:
     try that failed, so retries, the budget and the final error answer are the slow path's."""
 
     __slots__ = (
-        "body", "choice", "client", "conn", "deadline", "ex", "head", "server", "started",
+        "body", "choice", "client", "conn", "deadline", "ex", "flow", "head", "server", "started",
         "streaming",
     )  # fmt: skip
 
@@ -530,8 +531,10 @@ class _Flight:
         body: bytes,
         choice: Choice,
         conn: UpstreamConn,
+        f: Flow,
     ) -> None:
         self.server = server
+        self.flow = f
         self.client = client
         self.head = head
         self.body = body
@@ -585,13 +588,9 @@ class _Flight:
             client.write_response(
                 rhead.forward, ex.take_body() if self.head.method != "HEAD" else b""
             )
-        f = flow(GatewayKind.EGRESS, proxy.source_cluster(), str(choice.route.service),
-                 choice.cluster)  # fmt: skip
-        f.request(_outcome(rhead.status), time.monotonic() - self.started)
-        if self.body:
-            f.sent.inc(len(self.body))
-        if ex.received:
-            f.received.inc(ex.received)
+        self.flow.request(
+            _outcome(rhead.status), time.monotonic() - self.started, len(self.body), ex.received
+        )
         self._end(ex.reusable)
         client.request_done()
 
@@ -624,8 +623,7 @@ class _Flight:
         client = self.client
         client.streaming = None
         choice = self.choice
-        flow(GatewayKind.EGRESS, self.server.proxy.source_cluster(), str(choice.route.service),
-             choice.cluster).request(Outcome.RESET, time.monotonic() - self.started)  # fmt: skip
+        self.flow.request(Outcome.RESET, time.monotonic() - self.started)
         log.info(
             "http response broke",
             extra={"service": str(choice.route.service), "cluster": choice.cluster},

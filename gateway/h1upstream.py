@@ -16,8 +16,7 @@ import asyncio
 import collections
 import contextlib
 import time
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from gateway.errors import ConnectFailed, UpstreamError
 from gateway.h1 import BodyKind, BodyScanner, H1Error, ResponseHead, parse_response_head
@@ -33,8 +32,7 @@ class UpstreamClosed(UpstreamError):
     """The destination closed or broke the connection before the response was complete."""
 
 
-@dataclass(frozen=True, slots=True)
-class UpstreamKey:
+class UpstreamKey(NamedTuple):  # a dict key on every request: hashed in C
     host: str
     port: int
     gateway: str | None = None  # "host:port" of a remote ingress (TLS), None for plain TCP
@@ -236,7 +234,8 @@ class Exchange:
 
 class UpstreamConn(asyncio.Protocol):
     __slots__ = (
-        "exchange", "generation", "idle_since", "key", "loop", "lost", "on_idle_lost", "transport",
+        "exchange", "generation", "idle_since", "key", "loop", "lost", "on_idle_lost", "paused",
+        "transport",
     )  # fmt: skip
 
     def __init__(self, key: UpstreamKey, generation: int = 0) -> None:
@@ -245,6 +244,7 @@ class UpstreamConn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.exchange: Exchange | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.paused = False
         self.lost = False
         self.idle_since = 0.0
         self.on_idle_lost: collections.abc.Callable[[UpstreamConn], None] | None = None
@@ -290,10 +290,12 @@ class UpstreamConn(asyncio.Protocol):
 
     def pause_reading(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
+            self.paused = True
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+        if self.paused and self.transport is not None and not self.transport.is_closing():
+            self.paused = False
             self.transport.resume_reading()
 
     def abort(self) -> None:

@@ -7,17 +7,25 @@ destination: sent = client to destination, received = destination to client.
 
 Label lookups cost a dict walk and a lock each; `Flow` caches the labelled children of one
 (gateway, source, service, destination) so the hot path touches only prebuilt children.
+
+Per-request counts (`Flow.request`, thousands a second on the L7 path) are not written to the
+prometheus children one by one: they add up in plain integers (a bisect finds the histogram
+bucket) and go into the children when the registry is collected (a scrape, or a test reading
+a value), through a collector registered before the gateway's metrics. An observation costs
+~0.3 us instead of ~4 us (a lock and a linear bucket walk per child).
 """
 
 from __future__ import annotations
 
+import bisect
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from gateway.balancer import Choice
@@ -65,6 +73,30 @@ class Outcome(enum.StrEnum):
     DRAINED = "drained"  # closed by a graceful shutdown
 
 
+_DIRTY: list[Flow] = []  # flows with per-request counts not yet in their prometheus children
+
+
+def flush() -> None:
+    """Move the per-request counts gathered since the last flush into the metrics."""
+    while _DIRTY:
+        _DIRTY.pop().flush()
+
+
+class _Flusher(Collector):
+    """Registered ahead of the metrics below: every collection flushes them first."""
+
+    def collect(self) -> list:  # type: ignore[type-arg]
+        flush()
+        return []
+
+    def describe(self) -> list:  # type: ignore[type-arg]
+        return []
+
+
+REGISTRY.register(_Flusher())
+
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
 REQUESTS = Counter(
     "isthmus_requests_total",
     "HTTP requests handled at L7, by outcome",
@@ -79,7 +111,7 @@ REQUEST_DURATION = Histogram(
     "isthmus_request_duration_seconds",
     "Duration of L7 requests, and of L4 connections, from accept to close",
     [*_FLOW, "outcome"],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    buckets=_BUCKETS,
 )
 BYTES_SENT = Counter(
     "isthmus_bytes_sent_total", "Bytes relayed from clients toward destinations", _FLOW
@@ -111,6 +143,9 @@ class Flow:
     _finished: dict[str, tuple[Counter, Counter, Histogram]] = field(
         init=False, default_factory=dict
     )
+    # outcome -> [requests, duration sum, per-bucket counts (the last one is +Inf)]
+    _pending: dict[str, list] = field(init=False, default_factory=dict)  # type: ignore[type-arg]
+    _dirty: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         self.active = ACTIVE_CONNECTIONS.labels(*self.labels)
@@ -150,11 +185,37 @@ class Flow:
         connections.inc()
         durations.observe(duration)
 
-    def request(self, outcome: Outcome | str, duration: float) -> None:
-        """One L7 request ended."""
-        _, requests, durations = self._by_outcome(str(outcome))
-        requests.inc()
-        durations.observe(duration)
+    def request(
+        self, outcome: Outcome | str, duration: float, sent: int = 0, received: int = 0
+    ) -> None:
+        """One L7 request ended (counted at the next collection, see the module docstring);
+        `sent` and `received` are its body bytes."""
+        pending = self._pending.get(outcome)
+        if pending is None:
+            pending = self._pending[str(outcome)] = [0, 0.0, [0] * (len(_BUCKETS) + 1), 0, 0]
+        pending[0] += 1
+        pending[1] += duration
+        pending[2][bisect.bisect_left(_BUCKETS, duration)] += 1
+        pending[3] += sent
+        pending[4] += received
+        if not self._dirty:
+            self._dirty = True
+            _DIRTY.append(self)
+
+    def flush(self) -> None:
+        self._dirty = False
+        pending, self._pending = self._pending, {}
+        for outcome, (count, total, buckets, sent, received) in pending.items():
+            _, requests, durations = self._by_outcome(outcome)
+            requests.inc(count)
+            if sent:
+                self.sent.inc(sent)
+            if received:
+                self.received.inc(received)
+            durations._sum.inc(total)  # the child's own fields: observe() once per request
+            for child, n in zip(durations._buckets, buckets, strict=True):  # would cost the
+                if n:  # same as counting them one by one here
+                    child.inc(n)
 
 
 @lru_cache(maxsize=4096)

@@ -193,3 +193,53 @@ def test_forwarded_head_reparses_to_the_kept_fields(fields: list[tuple[bytes, by
     assert again is not None and again.forward == head.forward  # cleaning is idempotent
     kept = [ln.split(b":", 1)[0].lower() for ln in head.forward.split(b"\r\n")[1:] if ln]
     assert not [k for k in kept if k.startswith(b"x-isthmus-") or k in (b"connection", b"te")]
+
+
+# Field names the parser decides on, in any case, and others; values that matter to them.
+decisive_names = st.sampled_from(
+    [b"Connection", b"connection", b"CONTENT-LENGTH", b"Content-Length", b"Transfer-Encoding",
+     b"Expect", b"Upgrade", b"Keep-Alive", b"TE", b"Trailer", b"X-Isthmus-Source", b"x-isthmus-",
+     b"Proxy-Connection", b"Host", b"X-Drop", b"Accept"]
+)  # fmt: skip
+decisive_values = st.sampled_from(
+    [b"close", b"keep-alive", b"Keep-Alive, X-Drop", b"upgrade", b"x-drop", b"12", b"0",
+     b"12, 12", b"12,13", b"chunked", b"gzip, chunked", b"100-continue", b"", b"websocket",
+     b"a\tb", b"1" * 19]
+)  # fmt: skip
+
+
+def _either(parse: object) -> object:
+    try:
+        return parse()  # type: ignore[operator]
+    except H1Error as err:
+        return ("error", err.status)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(st.tuples(decisive_names, decisive_values), max_size=8),
+    st.sampled_from([b"GET / HTTP/1.1", b"POST /x HTTP/1.1", b"GET / HTTP/1.0"]),
+    st.sampled_from([b"HTTP/1.1 200 OK", b"HTTP/1.1 204 No Content", b"HTTP/1.0 200 OK"]),
+)
+def test_fast_field_scan_decides_like_the_line_parser(
+    fields: list[tuple[bytes, bytes]], request_line: bytes, status_line: bytes
+) -> None:
+    """The one-pass scan of the field block (the fast path) and the line-by-line parser (its
+    fallback, forced here by a block pattern that never matches) give the same heads."""
+    import re
+
+    import gateway.h1 as h1
+
+    block = b"".join(n + b": " + v + b"\r\n" for n, v in fields)
+    request = request_line + b"\r\n" + block + b"\r\n"
+    response = status_line + b"\r\n" + block + b"\r\n"
+    fast = (_either(lambda: parse_request_head(request)),
+            _either(lambda: parse_response_head(response, "GET")))  # fmt: skip
+    saved = h1._FIELD_BLOCK
+    h1._FIELD_BLOCK = re.compile(rb"(?!)")
+    try:
+        slow = (_either(lambda: parse_request_head(request)),
+                _either(lambda: parse_response_head(response, "GET")))  # fmt: skip
+    finally:
+        h1._FIELD_BLOCK = saved
+    assert fast == slow
