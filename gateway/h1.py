@@ -58,14 +58,41 @@ _SPECIAL_NAMES = frozenset(
         b"te", b"trailer",
     }
 )  # fmt: skip
-_TOKENS_FAST = _SPECIAL_NAMES | {b"close"}  # Connection tokens that name no other field
+_TOKENS_FAST = HOP_BY_HOP | {b"close"}  # Connection tokens that drop nothing more
 _CLOSE_OR_KEEP_ALIVE = frozenset({b"close", b"keep-alive"})
 _KEEP_REQUEST = frozenset({b"transfer-encoding", b"content-length", b"host"})
 _KEEP_RESPONSE = frozenset({b"transfer-encoding", b"content-length"})
+_RESERVED_NAME = rb"x-isthmus-[!#$%&'*+\-.^_`|~0-9a-z]*"
+
+
+def _names(names: frozenset[bytes] | set[bytes]) -> bytes:
+    return b"|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+
+
+# (lower name, value without surrounding whitespace) of each special field, in a lowered block.
 _SPECIAL = re.compile(
     rb"\r\n("
-    + b"|".join(re.escape(n) for n in sorted(_SPECIAL_NAMES, key=len, reverse=True))
-    + rb"|x-isthmus-[!#$%&'*+\-.^_`|~0-9a-z]*):"
+    + _names(_SPECIAL_NAMES)
+    + rb"|"
+    + _RESERVED_NAME
+    + rb"):[ \t]*([^\r]*?)[ \t]*(?=\r\n)"
+)
+# The usual heads in one pass: the first line and a valid field block (groups: method, target,
+# minor version, block; minor version, status, block). `_fast_request`/`_fast_response` then
+# need only the special fields, and leave anything unusual to the general parser.
+_TOKEN_CHARS = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+_BLOCK = rb"((?:\r\n" + _TOKEN_CHARS + rb"+:[\t\x20-\x7e\x80-\xff]*)*)"
+_REQUEST_FAST = re.compile(_TOKEN_CHARS + rb"+ [\x21-\x7e]+ HTTP/1\.([01])" + _BLOCK)
+_RESPONSE_FAST = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: [\t\x20-\x7e\x80-\xff]*)?" + _BLOCK)
+_CONNECTION_VALUES = (b"close", b"keep-alive")
+# Whole lines of the fields the fast path drops, in the original block (names in any case).
+_CUT_RESPONSE = re.compile(rb"\r\n(?:" + _names(HOP_BY_HOP) + rb"):[^\r]*", re.IGNORECASE)
+_CUT_REQUEST = re.compile(
+    rb"\r\n(?:" + _names(HOP_BY_HOP) + rb"|" + _RESERVED_NAME + rb"):[^\r]*", re.IGNORECASE
+)
+_CUT_REQUEST_EXPECT = re.compile(
+    rb"\r\n(?:" + _names(HOP_BY_HOP | {b"expect"}) + rb"|" + _RESERVED_NAME + rb"):[^\r]*",
+    re.IGNORECASE,
 )
 
 
@@ -203,41 +230,37 @@ def _rebuild(
 
 
 class _Fields(NamedTuple):
-    """The fields a decision depends on, and how to forward the head without some of them."""
+    """The fields a decision depends on, from the fast scan or the line-by-line parser."""
 
     decisive: list[tuple[bytes, bytes]]  # (lower name, value): special fields (fast) or all
-    spans: list[tuple[int, int]] | None  # fast: line spans of `decisive` in head + CRLF
-    lines: list[bytes] | None  # full parse: every field line
+    lines: list[bytes] | None  # line-by-line parse: every field line; None: fast scan
     tokens: set[bytes]  # of the Connection fields, lowered
 
 
 def _scan(head: bytes, first_end: int) -> _Fields:
-    """The field block after the first line: one regex pass validates it, a second finds the
-    special fields. Falls back to the line-by-line parser, which names the problem, when the
-    block breaks a rule or `Connection` names other fields to drop."""
+    """The field block after the first line. Fast: one regex pass validates it and a second
+    picks the special fields with their values (lowered: every decision on them ignores case).
+    Falls back to the line-by-line parser, which names the problem, when the block breaks a
+    rule or `Connection` names a field that is not hop-by-hop anyway."""
     if first_end < 0:
-        return _Fields([], [], None, set())
+        return _Fields([], None, set())
     block = head[first_end:] + b"\r\n"  # CRLF <field> CRLF ... <field> CRLF
     if _FIELD_BLOCK.fullmatch(block, 2) is not None:
-        decisive: list[tuple[bytes, bytes]] = []
-        spans: list[tuple[int, int]] = []
-        for m in _SPECIAL.finditer(block.lower()):
-            end = block.index(b"\r\n", m.end())
-            decisive.append((m.group(1), block[m.end() : end].strip(b" \t")))
-            spans.append((first_end + m.start() + 2, first_end + end + 2))
+        decisive = _SPECIAL.findall(block.lower())
         tokens = _connection_tokens(decisive) if decisive else set()
         if tokens <= _TOKENS_FAST:
-            return _Fields(decisive, spans, None, tokens)
+            return _Fields(decisive, None, tokens)
     lines = head[first_end + 2 :].split(b"\r\n")
     fields = _fields(lines)
-    return _Fields(fields, None, lines, _connection_tokens(fields))
+    return _Fields(fields, lines, _connection_tokens(fields))
 
 
 def _dropped(tokens: set[bytes], keep: frozenset[bytes]) -> frozenset[bytes] | set[bytes]:
-    """Fields not forwarded: hop-by-hop ones and those `Connection` names (except `keep`)."""
+    """Fields not forwarded: hop-by-hop ones and those `Connection` names (except `keep`;
+    `close` is an option, not a field name)."""
     if tokens <= _CLOSE_OR_KEEP_ALIVE:
         return HOP_BY_HOP
-    return HOP_BY_HOP | (tokens - keep)
+    return HOP_BY_HOP | (tokens - keep - _CLOSE_OR_KEEP_ALIVE)
 
 
 def _forward(
@@ -247,29 +270,89 @@ def _forward(
     drop: frozenset[bytes] | set[bytes],
     prefix: bytes | None,
     extra: bytes,
+    cut: re.Pattern[bytes],
 ) -> bytes:
-    """The head to forward: without the dropped fields, with `extra` lines, ending CRLF CRLF."""
+    """The head to forward: without the dropped fields, with `extra` lines, ending CRLF CRLF.
+    `cut` matches the lines of exactly the fields the fast scan may drop (`drop` is then a
+    subset of its names: `_scan` makes sure)."""
+    first = head if first_end < 0 else head[:first_end]
     if scanned.lines is not None:
-        first = head if first_end < 0 else head[:first_end]
         rebuilt = _rebuild(first, scanned.lines, scanned.decisive, drop, prefix, extra)
         return head + _END if rebuilt is None else rebuilt
-    assert scanned.spans is not None
-    cut = [
-        span for (name, _), span in zip(scanned.decisive, scanned.spans, strict=True)
-        if name in drop or (prefix is not None and name.startswith(prefix))
-    ]  # fmt: skip
-    if not cut and not extra:
-        return head + _END
-    src = head + b"\r\n"
-    pieces = []
-    pos = 0
-    for start, stop in cut:
-        pieces.append(src[pos:start])
-        pos = stop
-    pieces.append(src[pos:])
-    pieces.append(extra)
-    pieces.append(b"\r\n")
-    return b"".join(pieces)
+    for name, _ in scanned.decisive:
+        if name in drop or (prefix is not None and name.startswith(prefix)):
+            return first + cut.sub(b"", head[first_end:]) + b"\r\n" + extra + b"\r\n"
+    return head + b"\r\n" + extra + b"\r\n" if extra else head + _END
+
+
+def _simple_fields(block: bytes) -> tuple[int, bytes | None] | None:
+    """(Content-Length or -1, Connection value or None) when those are the only special
+    fields, each at most once with a plain value; None sends the head to the general parser."""
+    length = -1
+    connection: bytes | None = None
+    if block:
+        for name, value in _SPECIAL.findall(block.lower() + b"\r\n"):
+            if name == b"content-length" and length < 0 and value.isdigit() and len(value) < 19:
+                length = int(value)
+            elif name == b"connection" and connection is None and value in _CONNECTION_VALUES:
+                connection = value
+            else:
+                return None
+    return length, connection
+
+
+def _fast_request(head: bytes, size: int) -> RequestHead | None:
+    m = _REQUEST_FAST.fullmatch(head)
+    if m is None:
+        return None
+    block = m.group(2)
+    simple = _simple_fields(block)
+    if simple is None:
+        return None
+    length, connection = simple
+    method, target, _ = head.split(b" ", 2)
+    if method == b"CONNECT":
+        return None
+    if m.group(1) == b"1":
+        version, keep_alive = b"HTTP/1.1", connection != b"close"
+    else:
+        version, keep_alive = b"HTTP/1.0", connection == b"keep-alive"
+    if connection is None:
+        forward = head + _END
+    else:
+        forward = head[: m.start(2)] + _CUT_REQUEST.sub(b"", block) + _END
+    kind = BodyKind.LENGTH if length > 0 else BodyKind.NONE
+    return RequestHead(
+        method.decode("ascii"), target, version, kind, max(length, 0), keep_alive, False, False,
+        forward, size,
+    )  # fmt: skip
+
+
+def _fast_response(head: bytes, size: int, request_method: str) -> ResponseHead | None:
+    m = _RESPONSE_FAST.fullmatch(head)
+    if m is None:
+        return None
+    block = m.group(3)
+    simple = _simple_fields(block)
+    if simple is None:
+        return None
+    length, connection = simple
+    status = int(m.group(2))
+    if m.group(1) == b"1":
+        keep_alive = connection != b"close"
+    else:
+        keep_alive = connection == b"keep-alive"
+    if request_method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+        kind, length = BodyKind.NONE, 0
+    elif length < 0:
+        return None  # the body ends with the connection: the general parser adds the field
+    else:
+        kind = BodyKind.LENGTH if length else BodyKind.NONE
+    if connection is None:
+        forward = head + _END
+    else:
+        forward = head[: m.start(3)] + _CUT_RESPONSE.sub(b"", block) + _END
+    return ResponseHead(status, kind, length, keep_alive, forward, size)
 
 
 def parse_request_head(buf: bytes | bytearray, max_size: int = 8190) -> RequestHead | None:
@@ -278,6 +361,9 @@ def parse_request_head(buf: bytes | bytearray, max_size: int = 8190) -> RequestH
     if found is None:
         return None
     head, size = found
+    fast = _fast_request(head, size)
+    if fast is not None:
+        return fast
     first_end = head.find(b"\r\n")
     first = head if first_end < 0 else head[:first_end]
     parts = first.split(b" ")
@@ -311,7 +397,8 @@ def parse_request_head(buf: bytes | bytearray, max_size: int = 8190) -> RequestH
         drop = drop | {b"expect"}  # the proxy answers 100 Continue itself and sends the body
     return RequestHead(
         method.decode("ascii"), target, version, kind, length, keep_alive, expect, upgrade,
-        _forward(head, first_end, scanned, drop, RESERVED_PREFIX, b""), size,
+        _forward(head, first_end, scanned, drop, RESERVED_PREFIX, b"",
+                 _CUT_REQUEST_EXPECT if expect else _CUT_REQUEST), size,
     )  # fmt: skip
 
 
@@ -325,6 +412,9 @@ def parse_response_head(
     if found is None:
         return None
     head, size = found
+    fast = _fast_response(head, size, request_method)
+    if fast is not None:
+        return fast
     first_end = head.find(b"\r\n")
     first = head if first_end < 0 else head[:first_end]
     version, _, rest = first.partition(b" ")
@@ -351,7 +441,8 @@ def parse_response_head(
     elif kind is None:
         kind, keep_alive = BodyKind.UNTIL_CLOSE, False
     extra = b"Connection: close\r\n" if kind is BodyKind.UNTIL_CLOSE else b""
-    forward = _forward(head, first_end, scanned, _dropped(tokens, _KEEP_RESPONSE), None, extra)
+    drop = _dropped(tokens, _KEEP_RESPONSE)
+    forward = _forward(head, first_end, scanned, drop, None, extra, _CUT_RESPONSE)
     return ResponseHead(status, kind, length, keep_alive, forward, size)
 
 

@@ -218,14 +218,25 @@ def _either(parse: object) -> object:
 @settings(max_examples=400, deadline=None)
 @given(
     st.lists(st.tuples(decisive_names, decisive_values), max_size=8),
-    st.sampled_from([b"GET / HTTP/1.1", b"POST /x HTTP/1.1", b"GET / HTTP/1.0"]),
-    st.sampled_from([b"HTTP/1.1 200 OK", b"HTTP/1.1 204 No Content", b"HTTP/1.0 200 OK"]),
+    st.sampled_from(
+        [b"GET / HTTP/1.1", b"POST /x HTTP/1.1", b"GET / HTTP/1.0", b"CONNECT a:1 HTTP/1.1"]
+    ),
+    st.sampled_from(
+        [
+            b"HTTP/1.1 200 OK",
+            b"HTTP/1.1 204 No Content",
+            b"HTTP/1.0 200 OK",
+            b"HTTP/1.1 304",
+            b"HTTP/1.1 101 Switching Protocols",
+            b"HTTP/1.1 503 \t",
+        ]
+    ),
 )
 def test_fast_field_scan_decides_like_the_line_parser(
     fields: list[tuple[bytes, bytes]], request_line: bytes, status_line: bytes
 ) -> None:
-    """The one-pass scan of the field block (the fast path) and the line-by-line parser (its
-    fallback, forced here by a block pattern that never matches) give the same heads."""
+    """The fast paths (whole-head patterns, the one-pass scan of the field block) and the
+    line-by-line parser (forced here by patterns that never match) give the same heads."""
     import re
 
     import gateway.h1 as h1
@@ -235,11 +246,12 @@ def test_fast_field_scan_decides_like_the_line_parser(
     response = status_line + b"\r\n" + block + b"\r\n"
     fast = (_either(lambda: parse_request_head(request)),
             _either(lambda: parse_response_head(response, "GET")))  # fmt: skip
-    saved = h1._FIELD_BLOCK
-    h1._FIELD_BLOCK = re.compile(rb"(?!)")
+    never = re.compile(rb"(?!)")
+    saved = (h1._FIELD_BLOCK, h1._REQUEST_FAST, h1._RESPONSE_FAST)
+    h1._FIELD_BLOCK = h1._REQUEST_FAST = h1._RESPONSE_FAST = never
     try:
         slow = (_either(lambda: parse_request_head(request)),
                 _either(lambda: parse_response_head(response, "GET")))  # fmt: skip
     finally:
-        h1._FIELD_BLOCK = saved
+        h1._FIELD_BLOCK, h1._REQUEST_FAST, h1._RESPONSE_FAST = saved
     assert fast == slow
