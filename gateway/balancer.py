@@ -162,6 +162,17 @@ class Balancer:
         else is left."""
         now = self._clock()
         self._exclude = exclude
+        dests = route.destinations
+        if pinned_cluster is None and len(dests) == 1 and not exclude:
+            # The usual shape (one destination, one member): what the general path below
+            # decides, without building its candidate lists.
+            d = dests[0]
+            if d.healthy > 0 and (d.weight <= 0 or route.failover):
+                m = self._prepare(d)
+                if len(m.targets) == 1 and not self._ejected_at(m.targets[0], now):
+                    if d.local:
+                        return Choice(route, d, m.targets[0], m.endpoints[0], None, False)
+                    return Choice(route, d, m.targets[0], None, m.gateways[0], False)
         if pinned_cluster is not None:
             dest = route.destination(pinned_cluster)
             if dest is None:

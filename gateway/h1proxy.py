@@ -105,6 +105,8 @@ class _Client(asyncio.Protocol):
         return self.task is not None or self.flight is not None
 
     def data_received(self, data: bytes) -> None:
+        if not self.buf and self.task is None and self.flight is None and self._whole(data):
+            return
         self.buf += data
         if self.task is None and self.flight is None:
             self._next()
@@ -136,6 +138,28 @@ class _Client(asyncio.Protocol):
             self.streaming.resume_reading()
 
     # --- requests -------------------------------------------------------------------------
+
+    def _whole(self, data: bytes) -> bool:
+        """The usual read: exactly one bodiless request. Start it without buffering; False
+        leaves `data` to the general path (which also reports errors)."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.handed_off:
+            return False
+        try:
+            head = parse_request_head(data, self.server.max_head)
+        except H1Error:
+            return False
+        if (
+            head is None or head.size != len(data) or head.body is not BodyKind.NONE
+            or head.version != b"HTTP/1.1" or head.upgrade
+        ):  # fmt: skip
+            return False
+        self.continued = False
+        if not head.keep_alive or self.server.closing:
+            self.close_after = True
+        if not self.server.start_flight(self, head, b""):
+            self.run(self.server.forward(self, head, b""))
+        return True
 
     def _next(self) -> None:
         """Start the next complete request in the buffer, if any."""

@@ -88,13 +88,21 @@ class Exchange:
 
     def feed(self, data: bytes) -> None:
         if self.head is None:
-            self.buf += data
+            # Usually the whole head (and body) is in this one chunk: parse it where it is.
+            src: bytes | bytearray = data
+            if self.buf:
+                self.buf += data
+                src = self.buf
             try:
                 while True:
-                    head = parse_response_head(self.buf, self.method)
+                    head = parse_response_head(src, self.method)
                     if head is None:
+                        if src is data:
+                            self.buf = bytearray(data)
                         return
                     if head.interim and head.status != 101:
+                        if src is data:
+                            src = self.buf = bytearray(data)
                         del self.buf[: head.size]  # 100 Continue, 103 Early Hints: skip
                         continue
                     break
@@ -102,8 +110,9 @@ class Exchange:
                 self.fail(err)
                 return
             self.head = head
-            rest = bytes(self.buf[head.size :])
-            self.buf = bytearray()
+            rest = bytes(src[head.size :])
+            if src is not data:
+                self.buf = bytearray()
             self.scanner = BodyScanner(head.body, head.length)
             if head.status == 101:  # we never ask for an upgrade: do not reuse
                 self.extra = True
