@@ -477,6 +477,16 @@ async def main() -> None:
                 hap_c, hap_err = new_connections(HAP_EGRESS, PORTS["tcp-echo"], secs, conc)
         finally:
             await egress.stop(drain=0)
+        if not args.skip_bulk:
+            # The same bulk transfer through an egress that gives each connection its own TLS
+            # connection (multiplex: false): what the tunnel's framing and windows cost.
+            egress, _unused = await start_isthmus_egress_only(pem, args, 8)
+            try:
+                own = bulk(ISTHMUS_VIP, PORTS["tcp-bulk"], args.bulk_mib)
+            finally:
+                await egress.stop(drain=0)
+            print(f"isthmus with one TLS connection per client connection {own:.0f}  "
+                  f"multiplexed/own = {isth / own:.2f}x")  # fmt: skip
         if not args.skip_connect:
             per_conn = {}
             for label, size in (("warm pool", 8), ("unpooled", 0)):

@@ -110,57 +110,76 @@ def parse_reset(payload: bytes) -> tuple[str, str]:
 class FrameDecoder:
     """Cuts a byte stream into frames; raises MuxProtocolError on framing the peer broke.
 
-    `feed` returns (type, stream, payload) triples. Header fields are checked before the
-    payload is buffered, so a bad length never makes us wait for (or hold) its bytes."""
+    `feed` returns (type, stream, payload) triples. Header fields are checked before any of
+    the payload is taken, so a bad length never makes us wait for (or hold) its bytes.
 
-    __slots__ = ("_have", "_need", "_parts", "max_payload")
+    DATA payloads are not reassembled: the bytes of a DATA frame that a chunk holds come out
+    at once as a DATA triple of their own (a frame split over three chunks gives three), since
+    a stream is a byte stream. Bulk bytes are so sliced out of the chunk at most once, and not
+    at all when a chunk is all payload. Control frames come out whole."""
+
+    __slots__ = ("_ctl", "_hdr", "_kind", "_left", "_sid", "max_payload")
 
     def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
         self.max_payload = max_payload
-        # A partial frame waits as a list of chunks and is joined once complete: a 1 MiB frame
-        # that arrives in 16 KiB TLS records is copied once, not once per record.
-        self._parts: list[bytes] = []
-        self._have = 0
-        self._need = HEADER.size  # bytes that complete the frame waiting in _parts
+        self._hdr = b""  # the start of a header that the next chunk completes
+        self._kind = 0  # the frame whose payload is being read
+        self._sid = 0
+        self._left = 0  # its payload bytes still to come
+        self._ctl: list[bytes] | None = None  # a control frame's payload so far
 
     @property
     def buffered(self) -> int:
-        return self._have
+        """Bytes held back until more arrive (a partial header or control payload)."""
+        return len(self._hdr) + (sum(map(len, self._ctl)) if self._ctl else 0)
 
     def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
-        if self._parts:
-            self._parts.append(data)
-            self._have += len(data)
-            if self._have < self._need:
-                return []
-            buf = b"".join(self._parts)
-            self._parts = []
-        else:
-            buf = data
         frames: list[tuple[int, int, bytes]] = []
         pos = 0
-        end = len(buf)
-        unpack = HEADER.unpack_from
-        need = HEADER.size
-        while end - pos >= 9:
-            kind, stream, length = unpack(buf, pos)
-            if kind != _DATA or not stream or length > self.max_payload:
-                self._check(kind, stream, length)
-            stop = pos + 9 + length
-            if stop > end:
-                need = 9 + length
+        end = len(data)
+        if self._hdr:
+            need = HEADER.size - len(self._hdr)
+            if end < need:
+                self._hdr += data
+                return frames
+            header = self._hdr + data[:need]
+            self._hdr = b""
+            self._begin(header, 0, frames)
+            pos = need
+        while pos < end:
+            left = self._left
+            if left:
+                n = min(left, end - pos)
+                piece = data if n == end else data[pos : pos + n]
+                pos += n
+                self._left = left - n
+                ctl = self._ctl
+                if ctl is None:
+                    frames.append((_DATA, self._sid, piece))
+                else:
+                    ctl.append(piece)
+                    if not self._left:
+                        frames.append((self._kind, self._sid, b"".join(ctl)))
+                        self._ctl = None
+            elif end - pos < HEADER.size:
+                self._hdr = data[pos:]
                 break
-            frames.append((kind, stream, buf[pos + 9 : stop]))
-            pos = stop
-        if pos < end:
-            rest = buf[pos:]
-            self._parts = [rest]
-            self._have = len(rest)
-            self._need = need
-        else:
-            self._have = 0
-            self._need = HEADER.size
+            else:
+                self._begin(data, pos, frames)
+                pos += HEADER.size
         return frames
+
+    def _begin(self, buf: bytes, pos: int, frames: list[tuple[int, int, bytes]]) -> None:
+        kind, stream, length = HEADER.unpack_from(buf, pos)
+        if kind != _DATA or not stream or length > self.max_payload:
+            self._check(kind, stream, length)
+        if not length:
+            frames.append((kind, stream, b""))
+            return
+        self._kind = kind
+        self._sid = stream
+        self._left = length
+        self._ctl = None if kind == _DATA else []
 
     def _check(self, code: int, stream: int, length: int) -> None:
         if code not in _TYPES:
@@ -203,8 +222,11 @@ class SendWindow:
 class RecvWindow:
     """DATA bytes the peer may still send on a stream, and the credit we owe it back.
 
-    Bytes count as consumed when they were handed on; credit goes back in batches of at least
-    `window // 4`, so a stream of small messages costs no WINDOW frame per message."""
+    Bytes count as consumed when they were handed on; credit goes back in batches of
+    `window // 4`, at most 256 KiB, so a stream of small messages costs no WINDOW frame per
+    message, and a bulk stream's sender never waits for a big batch (with a 4 MiB window and
+    1 MiB batches the sender ran out of credit every ~0.7 MiB and bulk moved at 0.6x a plain
+    TLS connection; with 256 KiB batches, at 1.0x: bench/gateway_bench.py)."""
 
     __slots__ = ("allowed", "consumed", "threshold", "window")
 
@@ -212,7 +234,7 @@ class RecvWindow:
         self.window = window
         self.allowed = window
         self.consumed = 0
-        self.threshold = max(1, window // 4)
+        self.threshold = max(1, min(window // 4, 256 << 10))
 
     def receive(self, n: int) -> None:
         if n > self.allowed:

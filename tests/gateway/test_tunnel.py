@@ -690,7 +690,8 @@ async def test_tls_backpressure_pauses_every_stream(pki: Pki) -> None:
         pair.server.transport.resume_reading()
         for (stream, peer), data in zip(opened, datas, strict=True):
             await peer.writable.wait()
-            assert peer.resumes == 1
+            # At least once: a big write on another stream may fill the tunnel again first.
+            assert peer.resumes >= 1
             stream.write(data[sent:])
             stream.write_eof()
         for (_, server_peer), data in zip(server_side, datas, strict=True):
@@ -1165,3 +1166,31 @@ def test_config_validation() -> None:
     ):
         with pytest.raises(ValueError):
             MuxConfig(**bad)  # type: ignore[arg-type]
+
+
+async def test_buffers_of_streams_that_do_not_read_are_bounded_per_connection(pki: Pki) -> None:
+    """Each stream may buffer up to its window while not reading, but together no more than
+    `max_buffered`: the stream whose bytes would pass it is reset (flow_control), the others
+    keep what they have."""
+    config = MuxConfig(window=64 << 10, max_buffered=100 << 10)
+    acceptor = Acceptor(pause_at=1)
+    async with asyncio.timeout(LIMIT), mux_pair(pki, acceptor, config) as pair:
+        a, a_peer = await pair.open()
+        b, b_peer = await pair.open()
+        a_server, a_server_peer = await acceptor.next()
+        b_server, _ = await acceptor.next()
+        a.write(b"x")  # each server side pauses after its first byte
+        b.write(b"y")
+        await until(lambda: a_server.received == 1 and b_server.received == 1)
+        first = payload(60 << 10, 1)
+        a.write(first)  # held at the server: a is not reading
+        await until(lambda: pair.server.buffered == len(first))
+        b.write(payload(60 << 10, 2))  # would make 120 KiB held: over the limit
+        exc = await b_peer.lost
+        assert isinstance(exc, StreamReset) and exc.reason == "flow_control"
+        assert pair.server.buffered <= config.max_buffered
+        a_server.resume_reading()
+        await until(lambda: len(a_server_peer.data) == 1 + len(first))
+        assert bytes(a_server_peer.data) == b"x" + first
+        assert pair.server.buffered == 0
+        assert not a_peer.lost.done()
