@@ -28,6 +28,7 @@ from federation.trust import BootstrapTokens, IdentityIssuer, TrustError, issuan
 from federation.trust.spiffe import Kind
 from gateway.egress import Egress, EgressConfig
 from gateway.ingress import Ingress, IngressConfig
+from gateway.tunnel import MuxConfig
 from gateway.worker import TlsPaths, WorkerPool, WorkerSpec
 from isthmus import config as configmod
 from isthmus import logs
@@ -264,7 +265,12 @@ class Appliance:
         """In process with `workers: 1`; else N worker processes sharing the VIP listeners."""
         cfg = self.config
         assert self.trust is not None
-        egress_cfg = EgressConfig(vip_cidr=cfg.egress.vip_cidr, reuse_port=cfg.workers > 1)
+        egress_cfg = EgressConfig(
+            vip_cidr=cfg.egress.vip_cidr,
+            reuse_port=cfg.workers > 1,
+            multiplex=cfg.egress.multiplex,
+            mux=MuxConfig(connections=cfg.egress.tunnel_connections),
+        )
         if cfg.workers == 1:
             self.egress = Egress(
                 egress_cfg, self.holder, self.trust.credentials, source_cluster=cfg.cluster

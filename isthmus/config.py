@@ -182,6 +182,10 @@ class IngressConfig(_Section):
 
 class EgressConfig(_Section):
     vip_cidr: Cidr = "127.240.0.0/16"
+    # Remote clusters through multiplexed tunnels (streams on a few mutual-TLS connections per
+    # remote ingress); false gives every client connection a TLS connection of its own.
+    multiplex: StrictBool = True
+    tunnel_connections: Annotated[StrictInt, Field(ge=1, le=64)] = 2
 
 
 class DnsConfig(_Section):

@@ -174,3 +174,15 @@ def test_property_any_text_file_loads_or_fails_cleanly(tmp_path_factory, text: s
         configmod.load(p)
     except ConfigError as e:
         assert e.problems
+
+
+def test_tunnel_settings() -> None:
+    base = {"cluster": "east", "trust_domain": "mesh.test"}
+    cfg = configmod.validate(base)
+    assert cfg.egress.multiplex is True and cfg.egress.tunnel_connections == 2
+    off = configmod.validate({**base, "egress": {"multiplex": False, "tunnel_connections": 8}})
+    assert off.egress.multiplex is False and off.egress.tunnel_connections == 8
+    with pytest.raises(ConfigError) as e:
+        configmod.validate({**base, "egress": {"multiplex": "yes", "tunnel_connections": 0}})
+    paths = [p.split(":")[0] for p in e.value.problems]
+    assert paths == ["egress.multiplex", "egress.tunnel_connections"]
