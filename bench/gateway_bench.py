@@ -471,7 +471,6 @@ async def main() -> None:
                       f"isthmus/haproxy = {isth / hap:.2f}x")  # fmt: skip
             if not args.skip_connect:
                 secs, conc = args.connect_seconds, args.connect_concurrency
-                print(f"\nNew connections/s to a remote service ({conc} concurrent, 1-byte echo)")
                 direct_c, _ = new_connections(ECHO[0], ECHO[1], secs, conc)
                 mux_c, mux_err = new_connections(ISTHMUS_VIP, PORTS["tcp-echo"], secs, conc)
                 hap_c, hap_err = new_connections(HAP_EGRESS, PORTS["tcp-echo"], secs, conc)
@@ -497,6 +496,7 @@ async def main() -> None:
                     await egress.stop(drain=0)
             pool_c, pool_err = per_conn["warm pool"]
             cold_c, cold_err = per_conn["unpooled"]
+            print(f"\nNew connections/s to a remote service ({conc} concurrent, 1-byte echo)")
             print(f"direct {direct_c:.0f}  haproxy {hap_c:.0f} (errors {hap_err})\n"
                   f"isthmus multiplexed {mux_c:.0f} (errors {mux_err})  "
                   f"one TLS connection each: warm pool {pool_c:.0f} (errors {pool_err}), "

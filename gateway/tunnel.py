@@ -68,7 +68,7 @@ OpenHandler = Callable[["MuxStream", str], None]
 
 @dataclass(frozen=True, slots=True)
 class MuxConfig:
-    window: int = 4 << 20  # DATA bytes in flight per stream and direction
+    window: int = 8 << 20  # DATA bytes in flight per stream and direction
     max_streams: int = 4096  # open streams per connection (the ingress refuses more)
     # Bytes a connection may hold for streams that are not reading (each up to `window`): a
     # stream that would push the total past this is reset (flow_control), so a peer cannot
