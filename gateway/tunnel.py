@@ -25,9 +25,14 @@ import collections
 import logging
 import os
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+
+from prometheus_client import REGISTRY
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from gateway.errors import StreamReset
 from gateway.mux import (
@@ -64,6 +69,38 @@ _FLUSH_AT = 256 << 10
 _JOIN_BELOW = 16 << 10
 
 OpenHandler = Callable[["MuxStream", str], None]
+
+_LIVE: weakref.WeakSet[MuxConnection] = weakref.WeakSet()  # for the metrics below
+
+
+class _TunnelCollector(Collector):
+    """Tunnel connections and their streams, read from the live connections at scrape time
+    (nothing is counted on the data path)."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        conns = GaugeMetricFamily(
+            "isthmus_tunnel_connections", "Multiplexed tunnel connections open now", labels=["side"]
+        )
+        streams = GaugeMetricFamily(
+            "isthmus_tunnel_streams", "Streams open on multiplexed tunnels now", labels=["side"]
+        )
+        held = GaugeMetricFamily(
+            "isthmus_tunnel_buffered_bytes",
+            "Bytes held for tunnel streams that are not reading",
+            labels=["side"],
+        )
+        for side in ("egress", "ingress"):
+            live = [c for c in list(_LIVE) if not c.lost and c.server == (side == "ingress")]
+            conns.add_metric([side], len(live))
+            streams.add_metric([side], sum(len(c.streams) for c in live))
+            held.add_metric([side], sum(c.buffered for c in live))
+        yield from (conns, streams, held)
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return []
+
+
+REGISTRY.register(_TunnelCollector())
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +187,7 @@ class MuxConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        _LIVE.add(self)
         high = self.config.tls_high_water
         self.transport.set_write_buffer_limits(high=high, low=high // 4)  # type: ignore[union-attr]
         self._ping_handle = self._loop.call_later(self.config.ping_interval, self._keepalive)

@@ -1194,3 +1194,25 @@ async def test_buffers_of_streams_that_do_not_read_are_bounded_per_connection(pk
         assert bytes(a_server_peer.data) == b"x" + first
         assert pair.server.buffered == 0
         assert not a_peer.lost.done()
+
+
+async def test_tunnel_gauges_read_the_live_connections(pki: Pki) -> None:
+    from prometheus_client import REGISTRY
+
+    def gauge(name: str, side: str) -> float:
+        return REGISTRY.get_sample_value(name, {"side": side}) or 0.0
+
+    acceptor = Acceptor()
+    async with asyncio.timeout(LIMIT), mux_pair(pki, acceptor) as pair:
+        before = {s: gauge("isthmus_tunnel_streams", s) for s in ("egress", "ingress")}
+        opened = [await pair.open() for _ in range(3)]
+        for _ in range(3):
+            await acceptor.next()
+        assert gauge("isthmus_tunnel_connections", "egress") >= 1
+        assert gauge("isthmus_tunnel_connections", "ingress") >= 1
+        assert gauge("isthmus_tunnel_streams", "egress") == before["egress"] + 3
+        assert gauge("isthmus_tunnel_streams", "ingress") == before["ingress"] + 3
+        for stream, _ in opened:
+            stream.abort()
+        await until(lambda: gauge("isthmus_tunnel_streams", "ingress") == before["ingress"])
+        assert gauge("isthmus_tunnel_streams", "egress") == before["egress"]
