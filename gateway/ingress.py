@@ -260,12 +260,12 @@ class Ingress:
             transport.abort()
         return sid
 
-    async def _federation_handshake(
-        self, sock: socket.socket, peer: str
-    ) -> VerifiedConnection | None:
+    async def _verified_tls(
+        self, sock: socket.socket, peer: str, protocol: asyncio.Protocol
+    ) -> tuple[asyncio.Transport, SpiffeId] | None:
+        """Handshake on `sock` for `protocol` and verify the peer; None (counted, logged and
+        closed) when either fails."""
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=1 << 20)
-        protocol = asyncio.StreamReaderProtocol(reader)
         try:
             transport, _ = await loop.connect_accepted_socket(
                 lambda: protocol,
@@ -281,27 +281,27 @@ class Ingress:
         if sid is None:
             transport.abort()
             return None
-        writer = asyncio.StreamWriter(transport, protocol, reader, loop)  # type: ignore[arg-type]
+        return transport, sid  # type: ignore[return-value]
+
+    async def _federation_handshake(
+        self, sock: socket.socket, peer: str
+    ) -> VerifiedConnection | None:
+        reader = asyncio.StreamReader(limit=1 << 20)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        verified = await self._verified_tls(sock, peer, protocol)
+        if verified is None:
+            return None
+        transport, sid = verified
+        loop = asyncio.get_running_loop()
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         return VerifiedConnection(reader, writer, sid)
 
     async def _tunnel_handshake(self, sock: socket.socket, peer: str) -> MuxConnection | None:
-        loop = asyncio.get_running_loop()
         conn = MuxConnection(self.config.mux, server=True, label=peer)
-        try:
-            transport, _ = await loop.connect_accepted_socket(
-                lambda: conn,
-                sock,
-                ssl=self._credentials.server_context(require_client_cert=True),
-                ssl_handshake_timeout=self.config.handshake_timeout,
-            )
-        except (OSError, ssl.SSLError, TimeoutError, EOFError) as exc:
-            record_failure(classify(exc), side="server", peer=peer)
-            sock.close()
+        verified = await self._verified_tls(sock, peer, conn)
+        if verified is None:
             return None
-        sid = self._verify(transport, peer, self._tables.current)
-        if sid is None:
-            transport.abort()
-            return None
+        sid = verified[1]
         # Streams are served only now that the peer is verified (an OPEN that came with the
         # handshake waited in the connection until here).
         conn.set_open_handler(lambda stream, target: self._open_stream(stream, target, sid, peer))
