@@ -59,7 +59,7 @@ _SPECIAL_NAMES = frozenset(
     }
 )  # fmt: skip
 _TOKENS_FAST = HOP_BY_HOP | {b"close"}  # Connection tokens that drop nothing more
-_CLOSE_OR_KEEP_ALIVE = frozenset({b"close", b"keep-alive"})
+_KEEP_ALIVE = frozenset({b"keep-alive"})  # a hop-by-hop name already
 _KEEP_REQUEST = frozenset({b"transfer-encoding", b"content-length", b"host"})
 _KEEP_RESPONSE = frozenset({b"transfer-encoding", b"content-length"})
 _RESERVED_NAME = rb"x-isthmus-[!#$%&'*+\-.^_`|~0-9a-z]*"
@@ -75,7 +75,7 @@ _SPECIAL = re.compile(
     + _names(_SPECIAL_NAMES)
     + rb"|"
     + _RESERVED_NAME
-    + rb"):[ \t]*([^\r]*?)[ \t]*(?=\r\n)"
+    + rb"):[ \t]*([^\r]*)"  # linear: the value's trailing blanks are stripped in Python
 )
 # The usual heads in one pass: the first line and a valid field block (groups: method, target,
 # minor version, block; minor version, status, block). `_fast_request`/`_fast_response` then
@@ -167,7 +167,7 @@ def _connection_tokens(fields: list[tuple[bytes, bytes]]) -> set[bytes]:
             if b"," in value:
                 tokens.update(t.strip().lower() for t in value.split(b","))
             else:
-                tokens.add(value.lower())  # already stripped
+                tokens.add(value.strip().lower())
     tokens.discard(b"")
     return tokens
 
@@ -246,9 +246,10 @@ def _scan(head: bytes, first_end: int) -> _Fields:
         return _Fields([], None, set())
     block = head[first_end:] + b"\r\n"  # CRLF <field> CRLF ... <field> CRLF
     if _FIELD_BLOCK.fullmatch(block, 2) is not None:
-        decisive = _SPECIAL.findall(block.lower())
+        low = block.lower()
+        decisive = [(n, v.rstrip(b" \t")) for n, v in _SPECIAL.findall(low)]
         tokens = _connection_tokens(decisive) if decisive else set()
-        if tokens <= _TOKENS_FAST:
+        if tokens <= _TOKENS_FAST and not (b"close" in tokens and b"\r\nclose:" in low):
             return _Fields(decisive, None, tokens)
     lines = head[first_end + 2 :].split(b"\r\n")
     fields = _fields(lines)
@@ -256,11 +257,11 @@ def _scan(head: bytes, first_end: int) -> _Fields:
 
 
 def _dropped(tokens: set[bytes], keep: frozenset[bytes]) -> frozenset[bytes] | set[bytes]:
-    """Fields not forwarded: hop-by-hop ones and those `Connection` names (except `keep`;
-    `close` is an option, not a field name)."""
-    if tokens <= _CLOSE_OR_KEEP_ALIVE:
+    """Fields not forwarded: hop-by-hop ones and those `Connection` names (RFC 9110 7.6.1),
+    except `keep`."""
+    if tokens <= _KEEP_ALIVE:
         return HOP_BY_HOP
-    return HOP_BY_HOP | (tokens - keep - _CLOSE_OR_KEEP_ALIVE)
+    return HOP_BY_HOP | (tokens - keep)
 
 
 def _forward(
@@ -291,13 +292,17 @@ def _simple_fields(block: bytes) -> tuple[int, bytes | None] | None:
     length = -1
     connection: bytes | None = None
     if block:
-        for name, value in _SPECIAL.findall(block.lower() + b"\r\n"):
+        low = block.lower()
+        for name, value in _SPECIAL.findall(low):
+            value = value.rstrip(b" \t")
             if name == b"content-length" and length < 0 and value.isdigit() and len(value) < 19:
                 length = int(value)
             elif name == b"connection" and connection is None and value in _CONNECTION_VALUES:
                 connection = value
             else:
                 return None
+        if connection == b"close" and b"\r\nclose:" in low:
+            return None  # a field named by the option: the general parser drops it
     return length, connection
 
 

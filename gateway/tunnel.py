@@ -478,6 +478,7 @@ class MuxStream(asyncio.Transport):
         self._closing = False
         self._done = False  # forgotten by the connection
         self._notified = False  # protocol.connection_lost called
+        self._lost_exc: Exception | None = None
         self._fin_timer: asyncio.TimerHandle | None = None
         self.sent = 0
         self.received = 0
@@ -493,7 +494,11 @@ class MuxStream(asyncio.Transport):
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         self._protocol = protocol
-        if self._rbuf or self._rfin:
+        if self._done or (self._closing and self._fin_sent):
+            # Reset, lost or closed before anyone listened: say so now, or the new protocol
+            # (e.g. a relay) waits for an end that already happened.
+            self._notify(self._lost_exc)
+        elif self._rbuf or self._rfin:
             self._schedule_delivery()
 
     def get_protocol(self) -> asyncio.BaseProtocol:
@@ -793,9 +798,12 @@ class MuxStream(asyncio.Transport):
             self._fin_timer = None
 
     def _notify(self, exc: Exception | None) -> None:
+        """Tell the protocol the stream is over, once; a stream that ends before it has a
+        protocol tells the one `set_protocol` attaches later."""
         if self._notified:
             return
-        self._notified = True
+        self._lost_exc = exc
         protocol = self._protocol
         if protocol is not None:
+            self._notified = True
             self._conn._loop.call_soon(protocol.connection_lost, exc)

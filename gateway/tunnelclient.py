@@ -101,6 +101,8 @@ class TunnelClient:
         except BaseException:
             stream.reset("cancelled")
             raise
+        if stream.is_closing():  # ACCEPT and RESET came together (or the tunnel went)
+            raise ConnectFailed(f"{gateway}: stream ended right after it was accepted")
         self.streams_opened += 1
         return stream
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from federation.trust.contexts import client_context, server_context
 from gateway.errors import StreamReset
 from gateway.mux import HEADER, MAX_TARGET, FrameDecoder, FrameType, encode, parse_reset
 from gateway.mux import window_payload as window
-from gateway.relay import ProtocolRelay, RelayConfig
+from gateway.relay import ProtocolRelay, RelayConfig, RelayOutcome
 from gateway.sni import tunnel_sni
 from gateway.tunnel import MuxConfig, MuxConnection, MuxStream
 
@@ -1217,3 +1218,30 @@ async def test_tunnel_gauges_read_the_live_connections(pki: Pki) -> None:
             stream.abort()
         await until(lambda: gauge("isthmus_tunnel_streams", "ingress") == before["ingress"])
         assert gauge("isthmus_tunnel_streams", "egress") == before["egress"]
+
+
+async def test_a_stream_that_ended_before_it_had_a_protocol_tells_the_next_one(pki: Pki) -> None:
+    """Found in review: ACCEPT and RESET in one read (an endpoint that resets at once) left a
+    stream that never told the protocol attached after it, and a relay on it never ended."""
+
+    def accept_then_reset(stream: MuxStream, target: str) -> None:
+        stream.accept()
+        stream.reset("reset", "endpoint reset the connection")
+
+    async with asyncio.timeout(LIMIT), mux_pair(pki, accept_then_reset) as pair:
+        loop = asyncio.get_running_loop()
+        stream = pair.client.open(TARGET)
+        assert stream.accepted is not None
+        await stream.accepted
+        assert stream.is_closing()
+        relay = ProtocolRelay(RelayConfig(idle_timeout=300), loop)
+        stream.set_protocol(relay.b)
+        relay.b.attach(stream)
+        a, b = socket.socketpair()
+        try:
+            await loop.connect_accepted_socket(lambda: relay.a, a)
+            relay.start()
+            stats = await relay.wait()  # bounded by LIMIT: it used to hang here
+            assert stats.outcome is RelayOutcome.RESET
+        finally:
+            b.close()
