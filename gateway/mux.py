@@ -226,12 +226,20 @@ class RecvWindow:
     `window // 4`, at most 256 KiB, so a stream of small messages costs no WINDOW frame per
     message, and a bulk stream's sender never waits for a big batch (with a 4 MiB window and
     1 MiB batches the sender ran out of credit every ~0.7 MiB and bulk moved at 0.6x a plain
-    TLS connection; with 256 KiB batches, at 1.0x: bench/gateway_bench.py)."""
+    TLS connection; with 256 KiB batches, at 1.0x: bench/gateway_bench.py).
 
-    __slots__ = ("allowed", "consumed", "threshold", "window")
+    The window starts at `window` and may grow to `max_window`: each batch of credit given
+    while the caller says so (`grow`: the stream keeps reading and the connection holds little
+    for streams that do not) also grows the window by up to its size, as TCP's slow start.
+    A bulk stream reaches the maximum after a few batches; a stream that never reads fast
+    keeps a small window, so many slow readers cannot make the other side buffer a large
+    window each."""
 
-    def __init__(self, window: int) -> None:
+    __slots__ = ("allowed", "consumed", "max_window", "threshold", "window")
+
+    def __init__(self, window: int, max_window: int | None = None) -> None:
         self.window = window
+        self.max_window = max(window, max_window or window)
         self.allowed = window
         self.consumed = 0
         self.threshold = max(1, min(window // 4, 256 << 10))
@@ -241,16 +249,22 @@ class RecvWindow:
             raise MuxProtocolError(f"{n} bytes sent with only {self.allowed} of window left")
         self.allowed -= n
 
-    def consume(self, n: int, grant: bool = True) -> int:
+    def consume(self, n: int, grant: bool = True, grow: bool = False) -> int:
         """Record `n` bytes handed on; return the increment to send now (0: none yet). With
         `grant` False (the reader is paused) the credit is held back until `release`."""
         self.consumed += n
         if not grant or self.consumed < self.threshold:
             return 0
-        return self.release()
+        return self.release(grow)
 
-    def release(self) -> int:
-        """All consumed bytes back as credit now (e.g. reading resumed)."""
+    def release(self, grow: bool = False) -> int:
+        """All consumed bytes back as credit now (e.g. reading resumed), plus the window's
+        growth when `grow`."""
         n, self.consumed = self.consumed, 0
+        if grow and self.window < self.max_window:
+            extra = min(self.window, self.max_window - self.window)
+            self.window += extra
+            self.threshold = max(1, min(self.window // 4, 256 << 10))
+            n += extra
         self.allowed += n
         return n

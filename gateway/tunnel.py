@@ -105,7 +105,10 @@ REGISTRY.register(_TunnelCollector())
 
 @dataclass(frozen=True, slots=True)
 class MuxConfig:
-    window: int = 8 << 20  # DATA bytes in flight per stream and direction
+    window: int = 8 << 20  # DATA bytes in flight per stream and direction, at most
+    # ... and at first: a stream's window grows from this to `window` while it reads (both
+    # ends must agree on both values: the sender starts with this much credit).
+    initial_window: int = 256 << 10
     max_streams: int = 4096  # open streams per connection (the ingress refuses more)
     # Bytes a connection may hold for streams that are not reading (each up to `window`): a
     # stream that would push the total past this is reset (flow_control), so a peer cannot
@@ -125,6 +128,8 @@ class MuxConfig:
     def __post_init__(self) -> None:
         if not 1024 <= self.window <= 1 << 30:
             raise ValueError("window must be 1 KiB - 1 GiB")
+        if self.initial_window < 1024:
+            raise ValueError("initial_window must be >= 1 KiB")
         if not 1024 <= self.frame_size <= DEFAULT_MAX_PAYLOAD:
             raise ValueError(f"frame_size must be 1 KiB - {DEFAULT_MAX_PAYLOAD}")
         if not 0 <= self.low_water <= self.high_water:
@@ -459,8 +464,9 @@ class MuxStream(asyncio.Transport):
         self.target = target
         self.accepted: asyncio.Future[None] | None = None  # egress side, until ACCEPT or RESET
         cfg = conn.config
-        self._send = SendWindow(cfg.window)
-        self._recv = RecvWindow(cfg.window)
+        first = min(cfg.initial_window, cfg.window)
+        self._send = SendWindow(first)
+        self._recv = RecvWindow(first, cfg.window)
         self._protocol: asyncio.BaseProtocol | None = None
         self._pending: collections.deque[bytes] = collections.deque()
         self._pending_size = 0
@@ -587,7 +593,8 @@ class MuxStream(asyncio.Transport):
         # our buffers, and what comes next waits in `_rbuf`, which the window bounds. Holding
         # the credit as well left the sender idle for a pause's length each time (bulk: 707
         # credit stalls per GiB, 0.77x HAProxy).
-        inc = self._recv.consume(len(payload))
+        conn = self._conn
+        inc = self._recv.consume(len(payload), grow=conn.buffered < conn.config.max_buffered // 2)
         if inc and not self._done:
             self._conn.send_frame(FrameType.WINDOW, self.id, window_payload(inc))
 

@@ -490,3 +490,21 @@ def test_data_frames_of_any_size_in_any_pieces(lengths: list[int], data: st.Data
     cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=40))
     found = _check_feeding(stream, cuts, 70_000)
     assert found is not None and merged(found) == merged(frames)
+
+
+def test_recv_window_grows_like_slow_start_up_to_its_maximum() -> None:
+    w = RecvWindow(1024, 8192)
+    w.receive(1024)
+    assert w.consume(1024, grow=True) == 2048  # the bytes back plus the window again
+    assert (w.window, w.allowed) == (2048, 2048)
+    w.receive(2048)
+    assert w.consume(2048, grow=True) == 4096
+    w.receive(4096)
+    assert w.consume(4096, grow=True) == 4096 + 4096
+    assert w.window == 8192
+    w.receive(8192)
+    assert w.consume(8192, grow=True) == 8192  # at the maximum: only the bytes back
+    w.receive(8192)
+    assert w.consume(8192) == 8192 and w.window == 8192  # without grow: never grows
+    with pytest.raises(MuxProtocolError):
+        w.receive(8193)

@@ -669,8 +669,9 @@ async def test_slow_stream_does_not_block_a_fast_one(pki: Pki) -> None:
 async def test_tls_backpressure_pauses_every_stream(pki: Pki) -> None:
     """The TLS connection's own buffer above `tls_high_water` pauses all streams' writers,
     even streams with window left and nothing buffered themselves."""
-    config = MuxConfig(window=16 << 20, frame_size=1 << 20, high_water=16 << 20,
-                       low_water=1 << 20, tls_high_water=256 << 10)  # fmt: skip
+    config = MuxConfig(window=16 << 20, initial_window=16 << 20, frame_size=1 << 20,
+                       high_water=16 << 20, low_water=1 << 20,
+                       tls_high_water=256 << 10)  # fmt: skip
     acceptor = Acceptor()
     async with asyncio.timeout(LIMIT), mux_pair(pki, acceptor, config) as pair:
         opened = [await pair.open() for _ in range(3)]
@@ -1245,3 +1246,28 @@ async def test_a_stream_that_ended_before_it_had_a_protocol_tells_the_next_one(p
             assert stats.outcome is RelayOutcome.RESET
         finally:
             b.close()
+
+
+async def test_windows_start_small_and_grow_while_the_stream_reads(pki: Pki) -> None:
+    """A stream starts with `initial_window` of credit; reading grows its window toward
+    `window`, so a bulk stream gets the large window and one that never reads holds only the
+    initial one at the other end."""
+    config = MuxConfig(window=1 << 20, initial_window=16 << 10, frame_size=16 << 10)
+    acceptor = Acceptor()
+    async with asyncio.timeout(LIMIT), mux_pair(pki, acceptor, config) as pair:
+        reader, _ = await pair.open()
+        idle, idle_peer = await pair.open()
+        reader_server, reader_peer = await acceptor.next()
+        idle_server, idle_server_peer = await acceptor.next()
+        idle_server.pause_reading()  # never reads
+        big = payload(4 << 20, 3)
+        reader.write(big)
+        idle.write(payload(1 << 20, 4))
+        await until(lambda: len(reader_peer.data) == len(big))
+        assert bytes(reader_peer.data) == big
+        assert reader_server._recv.window == config.window  # grown to the maximum
+        await until(lambda: idle_server.received == config.initial_window)
+        await asyncio.sleep(0.05)
+        assert idle_server.received == config.initial_window  # no more than its first credit
+        assert idle_server._recv.window == config.initial_window
+        assert not idle_peer.lost.done() and not idle_server_peer.data
