@@ -14,8 +14,10 @@ import ipaddress
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from aiohttp import web
+from cryptography.hazmat.primitives import serialization
 
 from discovery.names import ServiceKey
 from federation.routing import Destination, Endpoint, RoutingTable, ServiceRoute, TableHolder
@@ -240,3 +242,24 @@ async def topology(
 def served_by(body: bytes) -> tuple[str, str]:
     data = json.loads(body)
     return data["cluster"], data["backend"]
+
+
+def write_pem(tmp: Path, name: str, identity: Identity, bundle: TrustBundle) -> list[str]:
+    """openssl s_client arguments presenting `identity`."""
+    cert = tmp / f"{name}.pem"
+    chain = tmp / f"{name}-chain.pem"
+    key = tmp / f"{name}.key"
+    cert.write_bytes(identity.chain[0].public_bytes(serialization.Encoding.PEM))
+    chain.write_bytes(
+        b"".join(c.public_bytes(serialization.Encoding.PEM) for c in identity.chain[1:])
+    )
+    key.write_bytes(
+        identity.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    ca = tmp / "bundle.pem"
+    ca.write_bytes(bundle.to_pem())
+    return ["-cert", str(cert), "-cert_chain", str(chain), "-key", str(key), "-CAfile", str(ca)]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
+from gw_topology import write_pem
 from prometheus_client import REGISTRY
 
 from discovery.names import ServiceKey
@@ -54,27 +54,6 @@ def pki() -> Pki:
         issue_identity(create_cluster_ca(root, "north"), "gateway", "north-gw"),
         issue_identity(create_cluster_ca(other, "east"), "gateway", "east-gw"),
     )
-
-
-def write_pem(tmp: Path, name: str, identity: Identity, bundle: TrustBundle) -> list[str]:
-    """openssl s_client arguments presenting `identity`."""
-    cert = tmp / f"{name}.pem"
-    chain = tmp / f"{name}-chain.pem"
-    key = tmp / f"{name}.key"
-    cert.write_bytes(identity.chain[0].public_bytes(serialization.Encoding.PEM))
-    chain.write_bytes(
-        b"".join(c.public_bytes(serialization.Encoding.PEM) for c in identity.chain[1:])
-    )
-    key.write_bytes(
-        identity.key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    ca = tmp / "bundle.pem"
-    ca.write_bytes(bundle.to_pem())
-    return ["-cert", str(cert), "-cert_chain", str(chain), "-key", str(key), "-CAfile", str(ca)]
 
 
 async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
+from gw_topology import write_pem
 from prometheus_client import REGISTRY
 
 from discovery.names import ServiceKey
@@ -396,25 +396,6 @@ async def test_refused_peer_gets_no_stream(pki: Pki, who: str, reason: str) -> N
             assert stream.received == 0
         await until(lambda: count(reason) == before + 1)
         assert not s.ingress._tunnels
-
-
-def write_pem(tmp: Path, name: str, identity: Identity, bundle: TrustBundle) -> list[str]:
-    """openssl s_client arguments presenting `identity`."""
-    cert, chain, key = tmp / f"{name}.pem", tmp / f"{name}-chain.pem", tmp / f"{name}.key"
-    cert.write_bytes(identity.chain[0].public_bytes(serialization.Encoding.PEM))
-    chain.write_bytes(
-        b"".join(c.public_bytes(serialization.Encoding.PEM) for c in identity.chain[1:])
-    )
-    key.write_bytes(
-        identity.key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    ca = tmp / "bundle.pem"
-    ca.write_bytes(bundle.to_pem())
-    return ["-cert", str(cert), "-cert_chain", str(chain), "-key", str(key), "-CAfile", str(ca)]
 
 
 async def s_client(port: int, args: list[str], stdin: bytes, stop_at: bytes | None) -> bytes:
