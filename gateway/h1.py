@@ -286,11 +286,13 @@ def _forward(
     return head + b"\r\n" + extra + b"\r\n" if extra else head + _END
 
 
-def _simple_fields(block: bytes) -> tuple[int, bytes | None] | None:
-    """(Content-Length or -1, Connection value or None) when those are the only special
-    fields, each at most once with a plain value; None sends the head to the general parser."""
+def _simple_fields(block: bytes) -> tuple[int, bytes | None, bytes] | None:
+    """(Content-Length or -1, Connection value or None, the lowered block) when those are the
+    only special fields, each at most once with a plain value; None sends the head to the
+    general parser."""
     length = -1
     connection: bytes | None = None
+    low = b""
     if block:
         low = block.lower()
         for name, value in _SPECIAL.findall(low):
@@ -303,7 +305,14 @@ def _simple_fields(block: bytes) -> tuple[int, bytes | None] | None:
                 return None
         if connection == b"close" and b"\r\nclose:" in low:
             return None  # a field named by the option: the general parser drops it
-    return length, connection
+    return length, connection, low
+
+
+def _without_connection(block: bytes, low: bytes) -> bytes:
+    """`block` without its one Connection line (the only field a simple head drops)."""
+    start = low.find(b"\r\nconnection:")
+    end = low.find(b"\r\n", start + 2)
+    return block[:start] + block[end:] if end >= 0 else block[:start]
 
 
 def _fast_request(head: bytes, size: int) -> RequestHead | None:
@@ -314,7 +323,7 @@ def _fast_request(head: bytes, size: int) -> RequestHead | None:
     simple = _simple_fields(block)
     if simple is None:
         return None
-    length, connection = simple
+    length, connection, low = simple
     method, target, _ = head.split(b" ", 2)
     if method == b"CONNECT":
         return None
@@ -325,7 +334,7 @@ def _fast_request(head: bytes, size: int) -> RequestHead | None:
     if connection is None:
         forward = head + _END
     else:
-        forward = head[: m.start(2)] + _CUT_REQUEST.sub(b"", block) + _END
+        forward = head[: m.start(2)] + _without_connection(block, low) + _END
     kind = BodyKind.LENGTH if length > 0 else BodyKind.NONE
     return RequestHead(
         method.decode("ascii"), target, version, kind, max(length, 0), keep_alive, False, False,
@@ -341,7 +350,7 @@ def _fast_response(head: bytes, size: int, request_method: str) -> ResponseHead 
     simple = _simple_fields(block)
     if simple is None:
         return None
-    length, connection = simple
+    length, connection, low = simple
     status = int(m.group(2))
     if m.group(1) == b"1":
         keep_alive = connection != b"close"
@@ -356,7 +365,7 @@ def _fast_response(head: bytes, size: int, request_method: str) -> ResponseHead 
     if connection is None:
         forward = head + _END
     else:
-        forward = head[: m.start(3)] + _CUT_RESPONSE.sub(b"", block) + _END
+        forward = head[: m.start(3)] + _without_connection(block, low) + _END
     return ResponseHead(status, kind, length, keep_alive, forward, size)
 
 
