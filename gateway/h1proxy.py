@@ -154,11 +154,7 @@ class _Client(asyncio.Protocol):
             or head.version != b"HTTP/1.1" or head.upgrade
         ):  # fmt: skip
             return False
-        self.continued = False
-        if not head.keep_alive or self.server.closing:
-            self.close_after = True
-        if not self.server.start_flight(self, head, b""):
-            self.run(self.server.forward(self, head, b""))
+        self._start(head, b"")
         return True
 
     def _next(self) -> None:
@@ -191,9 +187,13 @@ class _Client(asyncio.Protocol):
                 transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             self._resume()
             return
-        self.continued = False
         body = bytes(self.buf[head.size : end]) if head.length else b""
         del self.buf[:end]
+        self._start(head, body)
+
+    def _start(self, head: RequestHead, body: bytes) -> None:
+        """Serve a complete request: on the fast path if it can, else in a task."""
+        self.continued = False
         if not head.keep_alive or self.server.closing:
             self.close_after = True
         if not self.server.start_flight(self, head, body):

@@ -196,7 +196,7 @@ class Ingress:
                 self._refuse(sock, peer, _Refusal(str(hello.reason), hello.detail))
                 return
             table = self._tables.current
-            target = _route(hello, table)
+            target = _route_name(hello.server_name, table)
             if isinstance(target, _Refusal):
                 self._refuse(sock, peer, target)
                 return
@@ -456,12 +456,6 @@ class Ingress:
             self.balancer.report_success(choice)
             return choice
         return outcome
-
-
-def _route(
-    hello: ClientHello, table: RoutingTable
-) -> tuple[ServiceRoute, str] | FederationSni | ProbeSni | TunnelSni | _Refusal:
-    return _route_name(hello.server_name, table)
 
 
 def _route_name(

@@ -249,11 +249,11 @@ class RecvWindow:
             raise MuxProtocolError(f"{n} bytes sent with only {self.allowed} of window left")
         self.allowed -= n
 
-    def consume(self, n: int, grant: bool = True, grow: bool = False) -> int:
-        """Record `n` bytes handed on; return the increment to send now (0: none yet). With
-        `grant` False (the reader is paused) the credit is held back until `release`."""
+    def consume(self, n: int, grow: bool = False) -> int:
+        """Record `n` bytes handed on; return the increment to send now (0: not a whole batch
+        yet; `release` sends the rest when reading resumes)."""
         self.consumed += n
-        if not grant or self.consumed < self.threshold:
+        if self.consumed < self.threshold:
             return 0
         return self.release(grow)
 

@@ -15,6 +15,7 @@ The trust domain may contain dots, so a name is parsed against a known trust dom
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from discovery.names import LABEL_EXPECTED, ServiceKey, is_label
 from gateway.errors import SniError
@@ -55,30 +56,35 @@ class ServiceSni:
 
 
 @dataclass(frozen=True, slots=True)
-class FederationSni:
+class _ReservedSni:
+    """`<LABEL>.<cluster>.<trust_domain>`: a name of the ingress itself, not of a service."""
+
+    LABEL: ClassVar[str]
     cluster: str
     trust_domain: str
 
     def __str__(self) -> str:
-        return f"{FEDERATION_LABEL}.{self.cluster}.{self.trust_domain}"
+        return f"{self.LABEL}.{self.cluster}.{self.trust_domain}"
 
 
 @dataclass(frozen=True, slots=True)
-class ProbeSni:
-    cluster: str
-    trust_domain: str
-
-    def __str__(self) -> str:
-        return f"{PROBE_LABEL}.{self.cluster}.{self.trust_domain}"
+class FederationSni(_ReservedSni):
+    LABEL: ClassVar[str] = FEDERATION_LABEL
 
 
 @dataclass(frozen=True, slots=True)
-class TunnelSni:
-    cluster: str
-    trust_domain: str
+class ProbeSni(_ReservedSni):
+    LABEL: ClassVar[str] = PROBE_LABEL
 
-    def __str__(self) -> str:
-        return f"{TUNNEL_LABEL}.{self.cluster}.{self.trust_domain}"
+
+@dataclass(frozen=True, slots=True)
+class TunnelSni(_ReservedSni):
+    LABEL: ClassVar[str] = TUNNEL_LABEL
+
+
+_RESERVED: dict[str, type[_ReservedSni]] = {
+    c.LABEL: c for c in (FederationSni, ProbeSni, TunnelSni)
+}
 
 
 def validate_trust_domain(trust_domain: str) -> str:
@@ -114,25 +120,25 @@ def service_sni(port: str, service: ServiceKey, cluster: str, trust_domain: str)
     return _check_length(str(ServiceSni(port, service, cluster, trust_domain)))
 
 
-def federation_sni(cluster: str, trust_domain: str) -> str:
-    """Format the reserved SNI that carries peering to `cluster`."""
+def _reserved_sni(kind: type[_ReservedSni], cluster: str, trust_domain: str) -> str:
     _check_label("cluster", cluster)
     validate_trust_domain(trust_domain)
-    return _check_length(str(FederationSni(cluster, trust_domain)))
+    return _check_length(str(kind(cluster, trust_domain)))
+
+
+def federation_sni(cluster: str, trust_domain: str) -> str:
+    """Format the reserved SNI that carries peering to `cluster`."""
+    return _reserved_sni(FederationSni, cluster, trust_domain)
 
 
 def probe_sni(cluster: str, trust_domain: str) -> str:
     """Format the reserved SNI that health-probes `cluster`'s ingress."""
-    _check_label("cluster", cluster)
-    validate_trust_domain(trust_domain)
-    return _check_length(str(ProbeSni(cluster, trust_domain)))
+    return _reserved_sni(ProbeSni, cluster, trust_domain)
 
 
 def tunnel_sni(cluster: str, trust_domain: str) -> str:
     """Format the reserved SNI of a multiplexed tunnel to `cluster`'s ingress."""
-    _check_label("cluster", cluster)
-    validate_trust_domain(trust_domain)
-    return _check_length(str(TunnelSni(cluster, trust_domain)))
+    return _reserved_sni(TunnelSni, cluster, trust_domain)
 
 
 def parse_sni(
@@ -147,15 +153,9 @@ def parse_sni(
     if not name.endswith(suffix):
         raise SniError(f"server name {server_name!r} is not under trust domain {trust_domain!r}")
     labels = name[: -len(suffix)].split(".")
-    if len(labels) == 2 and labels[0] == FEDERATION_LABEL:
+    if len(labels) == 2 and labels[0] in _RESERVED:
         _check_label("cluster", labels[1])
-        return FederationSni(labels[1], trust_domain)
-    if len(labels) == 2 and labels[0] == PROBE_LABEL:
-        _check_label("cluster", labels[1])
-        return ProbeSni(labels[1], trust_domain)
-    if len(labels) == 2 and labels[0] == TUNNEL_LABEL:
-        _check_label("cluster", labels[1])
-        return TunnelSni(labels[1], trust_domain)
+        return _RESERVED[labels[0]](labels[1], trust_domain)
     if len(labels) != 4:
         raise SniError(
             f"server name {server_name!r} is neither <port>.<name>.<namespace>.<cluster>."
