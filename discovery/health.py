@@ -55,6 +55,7 @@ class _Tracked:
     critical_since: float | None = None
     ttl_deadline: float = 0.0
     running: bool = False
+    source: str = ""
 
 
 class HealthChecker:
@@ -79,6 +80,8 @@ class HealthChecker:
         self._task: asyncio.Task[None] | None = None
         self._probes: set[asyncio.Task[None]] = set()
         self._unsubscribe: Callable[[], None] | None = None
+        # sources (e.g. an agent whose channel is down) whose workloads are held critical
+        self._held: dict[str, str] = {}
 
     def _now(self) -> float:
         return self._clock() if self._clock else asyncio.get_running_loop().time()
@@ -121,7 +124,7 @@ class HealthChecker:
         if check is None:
             return
         self._generation += 1
-        t = _Tracked(check, self._generation, st.health)
+        t = _Tracked(check, self._generation, st.health, source=st.workload.source)
         if st.health is Health.CRITICAL:
             t.critical_since = now
         self._tracked[st.workload.id] = t
@@ -233,6 +236,9 @@ class HealthChecker:
             new = Health.PASSING
         elif not result.ok and t.failures >= t.check.failure_threshold:
             new = Health.CRITICAL
+        held = self._held.get(t.source)
+        if held is not None:  # the probe may pass, but nobody vouches for the workload
+            new, result = Health.CRITICAL, ProbeResult(False, held)
         if new is Health.CRITICAL and t.critical_since is None:
             t.critical_since = now
         elif new is not Health.CRITICAL:
@@ -257,6 +263,54 @@ class HealthChecker:
                 )
                 self._tracked.pop(wid, None)
                 await self.catalog.delete(wid)
+        except NotFound:
+            pass
+        except DiscoveryError as e:
+            log.error("cannot record health", extra={"workload": wid, "error": str(e)})
+
+    # sources held critical --------------------------------------------------------------------
+    def source_down(self, source: str, reason: str) -> None:
+        """Hold every workload registered by `source` critical, whatever its probes say, until
+        `source_up`. An agent whose channel is gone cannot vouch for its workloads; Consul's
+        node health check does the same for a node's services."""
+        self._held[source] = reason
+        for st in self.catalog.workloads():
+            if st.workload.source == source:
+                t = self._tracked.get(st.workload.id)
+                if t is not None:
+                    t.health, t.successes = Health.CRITICAL, 0
+                self._spawn(self._set_health(st.workload.id, Health.CRITICAL, reason))
+
+    def source_up(self, source: str) -> None:
+        """Release a source (held here, or before a restart): workloads without a check pass
+        again; checked ones are probed at once and pass when their probe does."""
+        self._held.pop(source, None)
+        now = self._now()
+        for st in self.catalog.workloads():
+            if st.workload.source != source:
+                continue
+            t = self._tracked.get(st.workload.id)
+            if t is None:
+                if st.health is not Health.PASSING:
+                    self._spawn(self._set_health(st.workload.id, Health.PASSING, ""))
+            elif t.check.kind is not CheckKind.TTL:
+                t.successes = t.failures = 0
+                self._schedule(now, st.workload.id, t)
+
+    def held(self, source: str) -> str | None:
+        """Why `source`'s workloads are held critical, or None."""
+        return self._held.get(source)
+
+    async def _set_health(self, wid: str, health: Health, output: str) -> None:
+        try:
+            old = self.catalog.get(wid)
+            if old.health is not health:
+                TRANSITIONS.labels(health.value).inc()
+                log.info(
+                    "workload health changed",
+                    extra={"workload": wid, "health": health.value, "output": output},
+                )
+            await self.catalog.set_health(wid, health, output)
         except NotFound:
             pass
         except DiscoveryError as e:

@@ -121,4 +121,7 @@ def format_duration(seconds: float) -> str:
         if s and s % 60 == 0:
             return f"{s // 60}m"
         return f"{s}s"
-    return f"{round(seconds * 1000)}ms"
+    ms = seconds * 1000
+    if ms == round(ms):
+        return f"{round(ms)}ms"
+    return f"{seconds:.9f}".rstrip("0") + "s"  # exact enough to parse back to the same value

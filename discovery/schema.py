@@ -16,6 +16,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     StrictInt,
     StrictStr,
     ValidationError,
@@ -25,7 +26,7 @@ from pydantic import (
 
 from discovery.durations import parse_duration
 from discovery.errors import InvalidInput
-from discovery.model import Check, CheckKind, Locality, Workload
+from discovery.model import Check, CheckKind, Locality, Workload, format_duration
 from discovery.names import DEFAULT_NAMESPACE, LABEL_EXPECTED, ServiceKey, is_label
 
 MAX_LABELS = 64
@@ -74,7 +75,12 @@ def _host_port(value: object) -> str:
 
 
 Label = Annotated[StrictStr, BeforeValidator(_label)]
-Duration = Annotated[float, BeforeValidator(_duration)]
+# Parsed to seconds; written back as a duration string, the form the API takes.
+Duration = Annotated[
+    float,
+    BeforeValidator(_duration),
+    PlainSerializer(format_duration, return_type=str, when_used="json"),
+]
 Port = Annotated[StrictInt, Field(ge=1, le=65535)]
 LabelKey = Annotated[StrictStr, Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9._/-]+$")]
 
@@ -184,6 +190,11 @@ class StaticWorkload(WorkloadSpec):
     """A registration in the config file: the API body plus its id."""
 
     id: Annotated[StrictStr, Field(pattern=WORKLOAD_ID_PATTERN)]
+
+    def to_body(self) -> dict[str, Any]:
+        """The registration body as the API and the agent channel take it (durations as
+        strings such as '500ms')."""
+        return self.model_dump(mode="json", exclude={"id"}, exclude_none=True)
 
 
 def error_path(loc: tuple[Any, ...]) -> str:

@@ -21,6 +21,7 @@ from discovery.errors import Conflict, DiscoveryError, InvalidInput, NotFound, S
 from discovery.health import HealthChecker
 from discovery.names import ServiceKey
 from discovery.schema import parse_workload
+from federation.agentlink import AgentHub
 from federation.routing import ServiceRoute, TableHolder
 from federation.service import Federation
 from federation.trust import BootstrapTokens, TrustError
@@ -58,12 +59,15 @@ class ApiContext:
     holder: TableHolder | None = None
     federation: Federation | None = None
     bootstrap_tokens: BootstrapTokens | None = None
+    agents: AgentHub | None = None
     services_cache: tuple[tuple[int, int], list[dict[str, Any]]] | None = None
     services_body: tuple[list[dict[str, Any]], str] | None = None
 
 
 CTX: web.AppKey[ApiContext] = web.AppKey("isthmus_ctx", ApiContext)
 MAX_BODY: web.AppKey[int] = web.AppKey("isthmus_max_body", int)
+# The bearer tokens the boundary checks: every app that uses `boundary` sets it.
+TOKENS: web.AppKey[TokenRegistry] = web.AppKey("isthmus_tokens", TokenRegistry)
 
 
 def json_response(data: Any, status: int = 200, index: int | None = None) -> web.Response:
@@ -119,7 +123,7 @@ async def boundary(request: web.Request, handler: Handler) -> web.StreamResponse
             auth = request.headers.get("Authorization", "")
             if not auth.startswith("Bearer ") or not auth[7:].strip():
                 raise ApiError(401, "missing bearer token: send 'Authorization: Bearer <token>'")
-            grant = request.app[CTX].tokens.lookup(auth[7:].strip())
+            grant = request.app[TOKENS].lookup(auth[7:].strip())
             if grant is None:
                 raise ApiError(401, "invalid bearer token")
             if not grant.allows(scope):
@@ -390,6 +394,7 @@ async def status(request: web.Request) -> web.Response:
         out["identity"] = (
             str(ctx.federation.credentials.spiffe_id) if ctx.federation.credentials else None
         )
+    out["agents"] = ctx.agents.agents() if ctx.agents is not None else []
     return json_response(out, index=ctx.catalog.index)
 
 
@@ -459,6 +464,7 @@ async def create_bootstrap_token(request: web.Request) -> web.Response:
 def make_app(ctx: ApiContext, max_body: int = 1024 * 1024) -> web.Application:
     app = web.Application(middlewares=[boundary], client_max_size=max_body)
     app[CTX] = ctx
+    app[TOKENS] = ctx.tokens
     app[MAX_BODY] = max_body
     app.router.add_get("/v1/health", health)
     app.router.add_get("/v1/workloads", list_workloads)

@@ -21,7 +21,7 @@ from discovery.health import HealthChecker
 from discovery.model import Locality
 from dns.errors import DnsError
 from dns.server import DnsServer
-from federation.agentlink import AgentLink, agent_routes
+from federation.agentlink import AgentHub, AgentLink
 from federation.routing import TableHolder
 from federation.service import Federation
 from federation.trust import BootstrapTokens, IdentityIssuer, TrustError, issuance_app
@@ -32,6 +32,7 @@ from gateway.tunnel import MuxConfig
 from gateway.worker import TlsPaths, WorkerPool, WorkerSpec
 from isthmus import config as configmod
 from isthmus import logs
+from isthmus.agentapi import AgentContext, make_agent_app
 from isthmus.api import ApiContext, make_app
 from isthmus.auth import TokenFileError, TokenRegistry, ensure_admin_token, read_token
 from isthmus.config import Config, ConfigError, split_host_port
@@ -72,6 +73,7 @@ class Appliance:
         self.egress: Egress | None = None
         self.egress_workers: WorkerPool | None = None
         self.agent_link: AgentLink | None = None
+        self.agent_hub: AgentHub | None = None
         self.bootstrap_tokens: BootstrapTokens | None = None
         self.control_address: tuple[str, int] | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -170,9 +172,18 @@ class Appliance:
                 self.trust.authority, self.bootstrap_tokens, lambda: self.trust.credentials.bundle
             )
             control_app = issuance_app(issuer)
-            control_app.add_routes(
-                agent_routes(catalog, self.holder, self.trust.credentials, cfg.cluster)
+            self.agent_hub = AgentHub(
+                catalog,
+                self.holder,
+                self.trust.credentials,
+                cfg.cluster,
+                self.checker,
+                grace=cfg.control.agent_grace,
+                reap_after=cfg.control.agent_reap_after,
             )
+            ctx.agents = self.agent_hub
+            control_app.add_routes(self.agent_hub.routes())
+            self.agent_hub.start()
             self.control_address = await self._serve(
                 control_app,
                 cfg.control.listen,
@@ -226,14 +237,38 @@ class Appliance:
             cfg.agent.control, self.trust.credentials, self.holder, cfg.discovery.workloads
         )
         self.agent_link.start()
+        link = self.agent_link
         try:
             async with asyncio.timeout(10):
-                await self.agent_link.synced.wait()
+                await link.synced.wait()
+                await link.answered.wait()
         except TimeoutError:
             log.warning(
-                "no routing table from the control node yet; starting anyway",
-                extra={"control": cfg.agent.control},
+                "the control node has not answered yet; starting anyway",
+                extra={"control": cfg.agent.control, "problems": link.problems()},
             )
+        refused = link.refused()
+        if refused:
+            # A VM whose workloads its control node refuses serves nobody: fail loudly now,
+            # rather than run on with nothing registered.
+            raise StartupError(
+                f"control node {cfg.agent.control} refused "
+                + "; ".join(f"workload {w}: {e}" for w, e in sorted(refused.items()))
+            )
+        self._load_tokens()
+        agent_ctx = AgentContext(
+            cluster=cfg.cluster,
+            node=cfg.node,
+            trust_domain=cfg.trust_domain,
+            identity=str(self.trust.credentials.spiffe_id),
+            link=link,
+            holder=self.holder,
+            tokens=self.tokens,
+            started=self.started,
+        )
+        self.api_address = await self._serve(
+            make_agent_app(agent_ctx, cfg.api.max_body), cfg.api.listen
+        )
         await self._start_egress()
         await self._start_dns()
         if cfg.metrics.enabled:
@@ -419,7 +454,10 @@ class Appliance:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.agent_link is not None:
+            await self.agent_link.leave()  # a clean stop: its workloads leave with it
             await self.agent_link.close()
+        if self.agent_hub is not None:
+            await self.agent_hub.close()
         if self.federation is not None:
             # peering streams never end by themselves: close them before draining the ingress
             await self.federation.close_links()

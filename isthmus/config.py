@@ -163,6 +163,11 @@ class ApiConfig(_Section):
 
 class ControlConfig(_Section):
     listen: Listen = "0.0.0.0:15012"
+    # After a restart of the control node, agents get this long to reconnect before their
+    # workloads are held critical.
+    agent_grace: Duration = 30.0
+    # Workloads of an agent disconnected this long are deregistered (null: never).
+    agent_reap_after: Duration | None = 72 * 3600.0
 
 
 class AgentConfig(_Section):

@@ -160,6 +160,7 @@ def agent_config(base: Path, token: str) -> dict[str, Any]:
             "control": f"{CLUSTERS['east'][0]}:15012",
             "bootstrap_token_file": str(d / "bootstrap-token"),
         },
+        "api": {"listen": f"{AGENT_HOST}:15000", "token_file": str(d / "api-token")},
         "metrics": {"listen": f"{AGENT_HOST}:15090"},
         "dns": {"listen": f"{AGENT_HOST}:15053"},
         "egress": {"vip_cidr": CLUSTERS["east"][1]},

@@ -63,6 +63,7 @@ def agent_config(tmp: Path, control: Cluster, backend_port: int, token: str) -> 
             "bootstrap_token_file": str(d / "token"),
         },
         "dns": {"listen": f"{host}:{free_port(host)}"},
+        "api": {"listen": f"{host}:{free_port(host)}", "token_file": str(d / "api-token")},
         "metrics": {"enabled": False},
         "egress": {"vip_cidr": "127.246.0.0/24"},
         "discovery": {
@@ -142,6 +143,7 @@ async def test_agent_bootstraps_registers_and_routes(tmp_path: Path, control: Cl
         data_dir=str(tmp_path / "vm2"),
     )
     raw2["dns"] = {"listen": f"{host}:{free_port(host)}"}
+    raw2["api"] = {"listen": f"{host}:{free_port(host)}", "token_file": str(tmp_path / "t2")}
     again = Appliance(configmod.validate(raw2))
     with pytest.raises(StartupError, match="bootstrap"):
         await again.start()
