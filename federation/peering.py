@@ -91,6 +91,10 @@ async def _read_messages(
             return msgs
 
 
+class PeerRefused(ConnectionError):
+    """The peer closed the feed before its first message: it refused us."""
+
+
 class FeedServer:
     """Serves our export feed to peers that pass the identity check."""
 
@@ -182,6 +186,7 @@ class PeerLink:
         self._rng = rng or random.Random()
         self._task: asyncio.Task[None] | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._logged: tuple[str, str] | None = None  # the last failure logged at warning
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"peer-{self.state.cluster}")
@@ -201,7 +206,11 @@ class PeerLink:
         self.state.error = detail
         PEER_UP.labels(self.cluster, self.state.cluster).set(0)
         FEED_ERRORS.labels(self.cluster, self.state.cluster, reason).inc()
-        level = logging.WARNING if was is PeerStatus.CONNECTED else logging.DEBUG
+        # Every change of cause is worth a line (a peering that never comes up must say why);
+        # the same failure again on each retry is not.
+        changed = was is PeerStatus.CONNECTED or self._logged != (reason, detail)
+        self._logged = (reason, detail)
+        level = logging.WARNING if changed else logging.DEBUG
         log.log(
             level,
             "peer link down",
@@ -222,6 +231,8 @@ class PeerLink:
                 raise
             except TrustError as e:
                 self._down("identity", str(e))
+            except PeerRefused as e:
+                self._down("refused", str(e))
             except FeedError as e:
                 self._down("malformed_feed", str(e))
             except TimeoutError:
@@ -263,6 +274,19 @@ class PeerLink:
             )
             await conn.writer.drain()
             decoder = FrameDecoder()
+            try:
+                first = await _read_messages(conn.reader, decoder, HEARTBEAT * 3)
+            except ConnectionError:
+                # TLS 1.3: the server checks our certificate after our side of the handshake is
+                # done, so a refusal arrives as a closed connection. Say so, and where to look.
+                raise PeerRefused(
+                    f"{self.state.address} closed the connection right after the TLS handshake: "
+                    f"it most likely refused this node's certificate "
+                    f"({self.credentials.spiffe_id}), or does not list cluster {self.cluster} "
+                    f"as a peer; its log says why ('tls handshake refused' or 'feed refused')"
+                ) from None
+            for msg in first:
+                await self._apply(msg)
             while True:
                 for msg in await _read_messages(conn.reader, decoder, HEARTBEAT * 3):
                     await self._apply(msg)
@@ -292,6 +316,7 @@ class PeerLink:
             log.info("peer link up", extra={"peer": self.state.cluster})
         self.state.status = PeerStatus.CONNECTED
         self.state.error = None
+        self._logged = None
         self.state.last_sync = dt.datetime.now(dt.UTC)
         PEER_UP.labels(self.cluster, self.state.cluster).set(1)
 

@@ -36,6 +36,7 @@ from isthmus.agentapi import AgentContext, make_agent_app
 from isthmus.api import ApiContext, make_app
 from isthmus.auth import TokenFileError, TokenRegistry, ensure_admin_token, read_token
 from isthmus.config import Config, ConfigError, split_host_port
+from isthmus.datadir import DataDirBusy, DataDirLock
 from isthmus.identity import (
     IdentityError,
     NodeTrust,
@@ -84,6 +85,7 @@ class Appliance:
         self.api_address: tuple[str, int] | None = None
         self.metrics_address: tuple[str, int] | None = None
         self.started = time.time()
+        self._lock: DataDirLock | None = None
 
     @property
     def api_url(self) -> str:
@@ -101,6 +103,7 @@ class Appliance:
                 f"roles: {missing} are not available in this build yet "
                 f"(available: {sorted(AVAILABLE_ROLES)})"
             )
+        self._lock_data_dir()
         if "agent" in roles:
             await self._start_agent()
             return
@@ -114,10 +117,6 @@ class Appliance:
                 "discovery.backend: 'consul' is not available in this build yet; use 'embedded'"
             )
         data_dir = Path(cfg.data_dir)
-        try:
-            data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        except OSError as e:
-            raise StartupError(f"data_dir: cannot create {data_dir}: {e.strerror}") from None
         self._load_tokens()
         self._load_trust()
         catalog = EmbeddedCatalog(data_dir, cfg.cluster, cfg.egress.vip_cidr)
@@ -226,7 +225,6 @@ class Appliance:
         """A VM: identity from the control node (bootstrap token the first time), the routing
         table and registrations over the control channel, egress and resolver locally."""
         cfg = self.config
-        Path(cfg.data_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
             await bootstrap_agent(cfg)
             self.trust = load_node_trust(cfg, Kind.AGENT)
@@ -283,6 +281,18 @@ class Appliance:
                 "identity": str(self.trust.credentials.spiffe_id),
             },
         )
+
+    def _lock_data_dir(self) -> None:
+        data_dir = Path(self.config.data_dir)
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            lock = DataDirLock(data_dir)
+            lock.acquire()
+        except DataDirBusy as e:
+            raise StartupError(str(e)) from None
+        except OSError as e:
+            raise StartupError(f"data_dir: cannot use {data_dir}: {e.strerror}") from None
+        self._lock = lock
 
     async def _start_dns(self) -> None:
         cfg = self.config
@@ -449,7 +459,8 @@ class Appliance:
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (bounded), flush the store."""
-        log.info("draining", extra={"timeout": self.config.drain_timeout})
+        if self._lock is not None:  # nothing to say for a start that failed before anything ran
+            log.info("draining", extra={"timeout": self.config.drain_timeout})
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -480,7 +491,10 @@ class Appliance:
             await self.checker.stop()
         if self.catalog is not None:
             await self.catalog.close()
-        log.info("appliance stopped")
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+            log.info("appliance stopped")
 
 
 async def _metrics(_: web.Request) -> web.Response:
@@ -505,9 +519,8 @@ async def serve(config: Config, config_path: str | None) -> int:
     loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(appliance.reload()))
     try:
         await appliance.start()
-    except StartupError as e:
-        log.error("start-up failed", extra={"error": str(e)})
-        await appliance.stop()
+    except StartupError:
+        await appliance.stop()  # undo what did start; the CLI prints the one-line reason
         raise
     where = (
         f"API {appliance.api_url}"

@@ -142,8 +142,10 @@ class TrustConfig(_Section):
     bundle: PathStr = "/etc/isthmus/pki/bundle.pem"
     ca_cert: PathStr = "/etc/isthmus/pki/cluster-ca.pem"
     ca_key: PathStr = "/etc/isthmus/pki/cluster-ca.key"
-    cert: PathStr = "/etc/isthmus/pki/node.pem"
-    key: PathStr = "/etc/isthmus/pki/node.key"
+    # This node's own identity, which it (re)writes: under data_dir unless set (see Config), so
+    # two appliances on one host never take each other's.
+    cert: PathStr = "/var/lib/isthmus/pki/node.pem"
+    key: PathStr = "/var/lib/isthmus/pki/node.key"
 
 
 Scope = Literal["admin", "read", "workloads", "traffic", "tokens"]
@@ -263,6 +265,21 @@ class Config(_Section):
     log: LogConfig = LogConfig()
     workers: Annotated[StrictInt, Field(ge=1, le=256)] = 1
     drain_timeout: Duration = 10.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _identity_under_data_dir(cls, raw: Any) -> Any:
+        """trust.cert/trust.key default to <data_dir>/pki/node.{pem,key}."""
+        if not isinstance(raw, Mapping):
+            return raw
+        data_dir = raw.get("data_dir", "/var/lib/isthmus")
+        trust = raw.get("trust", {})
+        if not isinstance(data_dir, str) or not data_dir or not isinstance(trust, Mapping):
+            return raw  # the field validators report what is wrong
+        filled = dict(trust)
+        filled.setdefault("cert", str(Path(data_dir) / "pki" / "node.pem"))
+        filled.setdefault("key", str(Path(data_dir) / "pki" / "node.key"))
+        return {**raw, "trust": filled}
 
     @model_validator(mode="after")
     def _roles(self) -> Config:

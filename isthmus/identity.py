@@ -79,6 +79,23 @@ def _usable(identity: Identity, cfg: Config, kind: Kind, now: dt.datetime) -> st
     return None
 
 
+def _refuse_foreign(identity: Identity, cfg: Config, kind: Kind, now: dt.datetime) -> None:
+    """Never overwrite a current identity of another node: two appliances pointed at one
+    trust.cert would take turns replacing each other's, and peering would fail for both."""
+    sid = identity.spiffe_id
+    if identity.not_after <= now:
+        return
+    if (sid.trust_domain, sid.cluster, sid.node, sid.kind) != (
+        cfg.trust_domain, cfg.cluster, cfg.node, kind
+    ):
+        raise IdentityError(
+            f"trust.cert: {cfg.trust.cert} holds {sid}, a current identity of another node "
+            f"(this one is {kind.value} {cfg.node} of cluster {cfg.cluster} in "
+            f"{cfg.trust_domain}); point trust.cert/trust.key at this node's own files (they "
+            f"default to <data_dir>/pki/), or delete them to replace that identity on purpose"
+        )
+
+
 def load_node_trust(cfg: Config, kind: Kind = Kind.GATEWAY) -> NodeTrust:
     t = cfg.trust
     try:
@@ -107,6 +124,8 @@ def load_node_trust(cfg: Config, kind: Kind = Kind.GATEWAY) -> NodeTrust:
             problem = _usable(identity, cfg, kind, now) or ""
         except TrustError as e:
             problem = str(e)
+        if problem and identity is not None:
+            _refuse_foreign(identity, cfg, kind, now)
         if problem:
             identity = None
     if identity is None:
@@ -138,11 +157,15 @@ async def bootstrap_agent(cfg: Config) -> None:
     one-time token in `agent.bootstrap_token_file`. The key is made here and never sent."""
     t = cfg.trust
     if Path(t.cert).exists() and Path(t.key).exists():
+        now = dt.datetime.now(dt.UTC)
         try:
-            problem = _usable(load_identity(Path(t.cert), Path(t.key)), cfg, Kind.AGENT,
-                              dt.datetime.now(dt.UTC))
+            current = load_identity(Path(t.cert), Path(t.key))
         except TrustError as e:
             problem = str(e)
+        else:
+            problem = _usable(current, cfg, Kind.AGENT, now)
+            if problem:
+                _refuse_foreign(current, cfg, Kind.AGENT, now)
         if not problem:
             return
     if not cfg.agent.control:
