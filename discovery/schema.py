@@ -166,7 +166,14 @@ class WorkloadSpec(_Strict):
     @field_validator("address")
     @classmethod
     def _address(cls, v: str) -> str:
-        return _host(v)
+        # The gateways connect to it as it is: no name resolution on the data path.
+        try:
+            return str(ipaddress.ip_address(v))
+        except ValueError:
+            raise ValueError(
+                "expected the workload's IPv4 or IPv6 address (the gateways connect to it "
+                "directly; host names are not resolved)"
+            ) from None
 
     def to_workload(self, workload_id: str, cluster: str, source: str = "api") -> Workload:
         return Workload(

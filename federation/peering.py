@@ -210,7 +210,10 @@ class PeerLink:
         # the same failure again on each retry is not.
         changed = was is PeerStatus.CONNECTED or self._logged != (reason, detail)
         self._logged = (reason, detail)
-        level = logging.WARNING if changed else logging.DEBUG
+        # A peer that is simply not up yet (peers start in any order) is not worth a warning;
+        # a refusal, a bad identity or a lost link is.
+        quiet = reason in ("connect", "timeout") and was is not PeerStatus.CONNECTED
+        level = logging.DEBUG if not changed else logging.INFO if quiet else logging.WARNING
         log.log(
             level,
             "peer link down",

@@ -423,8 +423,18 @@ async def get_traffic(request: web.Request) -> web.Response:
 async def put_traffic(request: web.Request) -> web.Response:
     key = _service_key(request)
     body = await read_json(request)
+    ctx = request.app[CTX]
     policy = await _federation(request).set_policy(key, body)
-    return json_response(policy.to_json())
+    out = policy.to_json()
+    # The routing table holds every service of the federation, local or imported.
+    if ctx.holder is not None and ctx.holder.current.get(key) is None:
+        warning = (
+            f"service {key} is not registered in any cluster of the federation; the policy "
+            "applies once it is"
+        )
+        log.warning("traffic policy for an unknown service", extra={"service": str(key)})
+        out["warnings"] = [warning]
+    return json_response(out)
 
 
 async def delete_traffic(request: web.Request) -> web.Response:

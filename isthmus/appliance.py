@@ -48,10 +48,6 @@ from isthmus.metrics import CATALOGS
 
 log = logging.getLogger(__name__)
 
-# Roles this build can run; others are refused at start-up with a clear message.
-AVAILABLE_ROLES = frozenset({"control", "dns", "ingress", "egress", "agent"})
-# Roles that read the routing table, which this build computes on the control node itself.
-NEEDS_CONTROL = frozenset({"dns", "ingress", "egress"})
 
 
 class StartupError(Exception):
@@ -97,25 +93,13 @@ class Appliance:
     async def start(self) -> None:
         cfg = self.config
         roles = set(cfg.roles)
-        missing = sorted(roles - AVAILABLE_ROLES)
-        if missing:
-            raise StartupError(
-                f"roles: {missing} are not available in this build yet "
-                f"(available: {sorted(AVAILABLE_ROLES)})"
-            )
+        problems = configmod.role_problems(cfg)
+        if problems:
+            raise StartupError("; ".join(problems))
         self._lock_data_dir()
         if "agent" in roles:
             await self._start_agent()
             return
-        if roles & NEEDS_CONTROL and "control" not in roles:
-            raise StartupError(
-                f"roles: {sorted(roles & NEEDS_CONTROL)} need 'control' on the same node in "
-                "this build (the routing table is computed there)"
-            )
-        if cfg.discovery.backend != "embedded":
-            raise StartupError(
-                "discovery.backend: 'consul' is not available in this build yet; use 'embedded'"
-            )
         data_dir = Path(cfg.data_dir)
         self._load_tokens()
         self._load_trust()

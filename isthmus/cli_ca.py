@@ -223,46 +223,74 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     ca = sub.add_parser("ca", help="manage the CA hierarchy and identities (offline)")
     casub = ca.add_subparsers(dest="ca_command", required=True, metavar="COMMAND")
 
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--dir", required=True, help="PKI directory (see docs/trust.md)")
-        p.add_argument("--force", action="store_true", help="replace existing keys")
+    def common(p: argparse.ArgumentParser, force: str = "replace existing keys") -> None:
+        p.add_argument(
+            "--dir", metavar="DIR", required=True,
+            help="the PKI directory (`isthmus docs trust` describes its layout)",
+        )
+        p.add_argument("--force", action="store_true", help=f"{force} (default: refuse)")
 
     p = casub.add_parser("init", help="create the root CA and the trust bundle")
-    p.add_argument("--trust-domain", required=True)
-    p.add_argument("--days", type=_days, default=ROOT_LIFETIME, help="root lifetime in days")
+    p.add_argument(
+        "--trust-domain", metavar="DOMAIN", required=True,
+        help="the federation's SPIFFE trust domain, e.g. mesh.example.org",
+    )
+    p.add_argument(
+        "--days", metavar="N", type=_days, default=ROOT_LIFETIME,
+        help="root lifetime in days (default 3650)",
+    )
     common(p)
     p.set_defaults(func=_run(cmd_init))
 
     p = casub.add_parser("cluster", help="create a cluster's intermediate CA")
-    p.add_argument("--cluster", required=True)
-    p.add_argument("--days", type=_days, default=CLUSTER_CA_LIFETIME, help="lifetime in days")
+    p.add_argument("--cluster", metavar="NAME", required=True, help="the cluster's name")
+    p.add_argument(
+        "--days", metavar="N", type=_days, default=CLUSTER_CA_LIFETIME,
+        help="lifetime in days (default 365)",
+    )
     p.add_argument(
         "--name-constraints",
         action="store_true",
-        help="restrict the CA to URI SANs in the trust domain",
+        help="restrict the CA to URI SANs in the trust domain (default: no constraints)",
     )
     common(p)
     p.set_defaults(func=_run(cmd_cluster))
 
     p = casub.add_parser("issue", help="issue a gateway or agent identity")
-    p.add_argument("--cluster", required=True)
-    p.add_argument("--node", required=True)
-    p.add_argument("--kind", choices=[k.value for k in Kind], default=Kind.GATEWAY.value)
-    p.add_argument("--ttl", type=_ttl, default=IDENTITY_LIFETIME, help="lifetime, e.g. 24h")
+    p.add_argument("--cluster", metavar="NAME", required=True, help="the cluster that issues it")
+    p.add_argument("--node", metavar="NAME", required=True, help="the node it names")
+    p.add_argument(
+        "--kind", choices=[k.value for k in Kind], default=Kind.GATEWAY.value,
+        help="what the node is (default %(default)s)",
+    )
+    p.add_argument(
+        "--ttl", metavar="DURATION", type=_ttl, default=IDENTITY_LIFETIME,
+        help="lifetime, e.g. 24h (default 24h, never past the cluster CA)",
+    )
     common(p)
     p.set_defaults(func=_run(cmd_issue))
 
     p = casub.add_parser("show", help="show what a certificate file says")
-    p.add_argument("file")
+    p.add_argument("file", metavar="FILE", help="a PEM file with one or more certificates")
     p.set_defaults(func=_run(cmd_show))
 
     p = casub.add_parser("rotate-root", help="create a new root; the bundle trusts both")
-    p.add_argument("--days", type=_days, default=ROOT_LIFETIME, help="root lifetime in days")
-    p.add_argument("--dir", required=True)
+    p.add_argument(
+        "--days", metavar="N", type=_days, default=ROOT_LIFETIME,
+        help="root lifetime in days (default 3650)",
+    )
+    p.add_argument(
+        "--dir", metavar="DIR", required=True,
+        help="the PKI directory (`isthmus docs trust` describes its layout)",
+    )
     p.set_defaults(func=_run(cmd_rotate_root))
 
     p = casub.add_parser("retire-root", help="trust only the current root")
-    common(p)
+    common(
+        p,
+        force="retire the old roots even while a cluster CA still chains to one; peers "
+        "holding such a CA's identities are then refused",
+    )
     p.set_defaults(func=_run(cmd_retire_root))
 
 

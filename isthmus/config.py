@@ -195,9 +195,30 @@ class EgressConfig(_Section):
     tunnel_connections: Annotated[StrictInt, Field(ge=1, le=64)] = 2
 
 
+def _is_corefile_path(value: object) -> bool:
+    """A Corefile always has a server block; text without '{' can only be a file's path."""
+    return isinstance(value, str) and "{" not in value and "\n" not in value.strip()
+
+
+def _corefile(value: object) -> object:
+    if not _is_corefile_path(value):
+        return value
+    assert isinstance(value, str)
+    path = Path(os.path.expanduser(value.strip()))
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ValueError(
+            f"expected a Corefile's text (such as 'global:53 {{ global }}') or the path of a "
+            f"Corefile; cannot read {str(path)!r}: {why}"
+        ) from None
+
+
 class DnsConfig(_Section):
     listen: Listen = "0.0.0.0:53"
-    corefile: StrictStr | None = None
+    # The Corefile's text, or the path of a file holding it.
+    corefile: Annotated[StrictStr, BeforeValidator(_corefile)] | None = None
 
 
 class ConsulConfig(_Section):
@@ -316,6 +337,10 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
         if isinstance(node, dict) and isinstance(node.get(keys[-1]), str):
             p = Path(os.path.expanduser(node[keys[-1]]))
             node[keys[-1]] = str(p if p.is_absolute() else (base / p))
+    dns = raw.get("dns")
+    if isinstance(dns, dict) and _is_corefile_path(dns.get("corefile")):
+        p = Path(os.path.expanduser(dns["corefile"].strip()))
+        dns["corefile"] = str(p if p.is_absolute() else base / p)
     api = raw.get("api")
     if isinstance(api, dict) and isinstance(api.get("tokens"), list):
         for t in api["tokens"]:
@@ -334,7 +359,9 @@ def validate(raw: object, source: str = "config") -> Config:
         raise ConfigError(problems, source) from None
 
 
-def load(path: str | os.PathLike[str]) -> Config:
+def load(path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read and validate a config file; `overrides` replace top-level keys (e.g. data_dir from
+    the command line) before validation, so what derives from them follows."""
     p = Path(path)
     try:
         text = p.read_text()
@@ -350,6 +377,7 @@ def load(path: str | os.PathLike[str]) -> Config:
     if raw is None:
         raw = {}
     if isinstance(raw, dict):
+        raw.update(overrides or {})
         _resolve_paths(raw, p.resolve().parent)
     return validate(raw, str(p))
 
@@ -357,6 +385,28 @@ def load(path: str | os.PathLike[str]) -> Config:
 def state_dir() -> Path:
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local/state")
     return Path(base) / "isthmus"
+
+
+# Roles that read the routing table, which this build computes on the control node itself.
+NEEDS_CONTROL = frozenset({"dns", "ingress", "egress"})
+
+
+def role_problems(cfg: Config) -> list[str]:
+    """What start-up refuses about the roles that the schema alone cannot see."""
+    roles = set(cfg.roles)
+    out = []
+    if "agent" in roles:
+        if cfg.agent.control is None:
+            out.append("agent.control: required for an agent (its control node HOST:PORT)")
+        return out
+    if roles & NEEDS_CONTROL and "control" not in roles:
+        out.append(
+            f"roles: {sorted(roles & NEEDS_CONTROL)} need 'control' on the same node in this "
+            "build (the routing table is computed there)"
+        )
+    if cfg.discovery.backend != "embedded":
+        out.append("discovery.backend: 'consul' is not available in this build yet; use 'embedded'")
+    return out
 
 
 def local_default(data_dir: str | None = None) -> Config:

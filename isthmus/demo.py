@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import shutil
 import signal
+import socket
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,12 +83,101 @@ class SampleService:
         }
 
 
-CLUSTERS = {
-    # name: (edge host, vip range, region)
-    "east": ("127.10.0.1", "127.241.0.0/16", "us-east"),
-    "west": ("127.20.0.1", "127.242.0.0/16", "us-west"),
-}
-AGENT_HOST = "127.10.0.100"
+PORTS = (15000, 15012, 15053, 15090, 15443)  # API, control, DNS, metrics, ingress
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Every address of the demo, inside one loopback /16 (127.N.0.0/16)."""
+
+    base: str  # "127.N"
+
+    def edge(self, cluster: str) -> str:
+        return f"{self.base}.{1 if cluster == 'east' else 2}.1"
+
+    def service(self, cluster: str, n: int) -> str:
+        return f"{self.base}.{1 if cluster == 'east' else 2}.{10 + n}"
+
+    def vips(self, cluster: str) -> str:
+        return f"{self.base}.{241 if cluster == 'east' else 242}.0/24"
+
+    @property
+    def agent(self) -> str:
+        return f"{self.base}.1.100"
+
+    def listeners(self) -> list[tuple[str, int, int]]:
+        """(host, port, socket type) the demo binds at fixed ports."""
+        out = []
+        for host in (self.edge("east"), self.edge("west"), self.agent):
+            out += [(host, p, socket.SOCK_STREAM) for p in PORTS]
+            out.append((host, 15053, socket.SOCK_DGRAM))
+        for host in (self.service("east", 1), self.service("west", 1), self.service("west", 2)):
+            out.append((host, HTTP_PORT, socket.SOCK_STREAM))
+        return out
+
+
+REGIONS = {"east": "us-east", "west": "us-west"}
+CLUSTERS = tuple(REGIONS)
+FIRST_BASE, LAST_BASE = 10, 239  # 127.240.0.0 and up are where VIP ranges usually live
+
+
+class DemoError(Exception):
+    pass
+
+
+def _bound_in(base: str) -> str | None:
+    """An address of 127.N.0.0/16 some socket on this host is bound to, from /proc/net."""
+    prefix = bytes(int(x) for x in base.split("."))  # 127, N
+    for name in ("tcp", "udp"):
+        try:
+            lines = Path(f"/proc/net/{name}").read_text().splitlines()[1:]
+        except OSError:
+            return None  # not Linux: trust the bind probes alone
+        for line in lines:
+            fields = line.split()
+            local, state = fields[1], fields[3]
+            if name == "tcp" and state != "0A":  # only listeners hold an address for good
+                continue
+            addr = bytes.fromhex(local.split(":")[0])[::-1]  # little-endian IPv4
+            if addr[:2] == prefix:
+                return f"{'.'.join(map(str, addr))}:{int(local.split(':')[1], 16)}"
+    return None
+
+
+def _taken(layout: Layout) -> str | None:
+    """Why `layout` cannot be used, or None."""
+    busy = _bound_in(layout.base)
+    if busy is not None:
+        return f"{busy} is in use"
+    for host, port, kind in layout.listeners():
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError as e:
+                return f"{host}:{port} is taken ({e.strerror})"
+    return None
+
+
+def choose_layout(base: str | None) -> Layout:
+    if base is not None:
+        parts = base.split(".")
+        if len(parts) != 2 or parts[0] != "127" or not parts[1].isdigit() or \
+                not 1 <= int(parts[1]) <= 254:
+            raise DemoError(f"--base {base!r}: expected 127.N with N from 1 to 254, e.g. 127.30")
+        why = _taken(Layout(base))
+        if why:
+            raise DemoError(f"--base {base}: {why}; pass another --base 127.N")
+        return Layout(base)
+    first_problem = None
+    for n in range(FIRST_BASE, LAST_BASE + 1):
+        layout = Layout(f"127.{n}")
+        why = _taken(layout)
+        if why is None:
+            return layout
+        first_problem = first_problem or why
+    raise DemoError(f"no free 127.N.0.0/16 from 127.{FIRST_BASE}: {first_problem}; "
+                    "pass --base 127.N")
 
 
 def make_pki(base: Path) -> None:
@@ -101,8 +192,10 @@ def make_pki(base: Path) -> None:
         write_bundle(d / "bundle.pem", TrustBundle.of([root.cert]))
 
 
-def cluster_config(base: Path, name: str, services: list[SampleService]) -> dict[str, Any]:
-    host, vips, region = CLUSTERS[name]
+def cluster_config(
+    base: Path, name: str, services: list[SampleService], layout: Layout
+) -> dict[str, Any]:
+    host, vips, region = layout.edge(name), layout.vips(name), REGIONS[name]
     d = base / name
     roles = ["control", "ingress", "dns"] + (["egress"] if name == "west" else [])
     return {
@@ -127,7 +220,7 @@ def cluster_config(base: Path, name: str, services: list[SampleService]) -> dict
         "dns": {"listen": f"{host}:15053"},
         "federation": {
             "peers": [
-                {"cluster": o, "address": f"{CLUSTERS[o][0]}:15443"} for o in CLUSTERS if o != name
+                {"cluster": o, "address": f"{layout.edge(o)}:15443"} for o in CLUSTERS if o != name
             ],
             "export": ["*.default"],
         },
@@ -137,7 +230,7 @@ def cluster_config(base: Path, name: str, services: list[SampleService]) -> dict
     }
 
 
-def agent_config(base: Path, token: str) -> dict[str, Any]:
+def agent_config(base: Path, token: str, layout: Layout) -> dict[str, Any]:
     d = base / "vm-1"
     d.mkdir(parents=True, exist_ok=True)
     shutil.copy(base / "east" / "bundle.pem", d / "bundle.pem")
@@ -157,13 +250,13 @@ def agent_config(base: Path, token: str) -> dict[str, Any]:
             "ca_key": str(d / "no-ca.key"),
         },
         "agent": {
-            "control": f"{CLUSTERS['east'][0]}:15012",
+            "control": f"{layout.edge('east')}:15012",
             "bootstrap_token_file": str(d / "bootstrap-token"),
         },
-        "api": {"listen": f"{AGENT_HOST}:15000", "token_file": str(d / "api-token")},
-        "metrics": {"listen": f"{AGENT_HOST}:15090"},
-        "dns": {"listen": f"{AGENT_HOST}:15053"},
-        "egress": {"vip_cidr": CLUSTERS["east"][1]},
+        "api": {"listen": f"{layout.agent}:15000", "token_file": str(d / "api-token")},
+        "metrics": {"listen": f"{layout.agent}:15090"},
+        "dns": {"listen": f"{layout.agent}:15053"},
+        "egress": {"vip_cidr": layout.vips("east")},
         "log": {"level": "warning"},
         "drain_timeout": "2s",
     }
@@ -187,59 +280,72 @@ async def _until_served(table: Any) -> None:
                     await asyncio.sleep(0.2)
 
 
-def instructions(base: Path, vip: str) -> str:
-    e, w = CLUSTERS["east"][0], CLUSTERS["west"][0]
-    east_api = f"--api http://{e}:15000 --token-file {base}/east/api-token"
+def instructions(base: Path, vip: str, layout: Layout) -> str:
+    e, w, vm = layout.edge("east"), layout.edge("west"), layout.agent
+    east_cfg = f"--config {base}/east/east.yaml"
     return f"""
 Isthmus demo: clusters east ({e}) and west ({w}) peer over their public ingress
-addresses ({e}:15443, {w}:15443) with mutual TLS under one root; VM agent vm-1 ({AGENT_HOST})
-runs in east with its own resolver and egress. State and PKI: {base}
+addresses ({e}:15443, {w}:15443) with mutual TLS under one root; VM agent vm-1 ({vm})
+runs in east with its own resolver and egress. State, configs and PKI: {base}
 
-  reviews  v1 in east ({e.rsplit(".", 1)[0]}.11), v2 in west ({w.rsplit(".", 1)[0]}.11)
-  ratings  only in west ({w.rsplit(".", 1)[0]}.12)
+  reviews  v1 in east ({layout.service("east", 1)}), v2 in west ({layout.service("west", 1)})
+  ratings  only in west ({layout.service("west", 2)})
 
 Try, from another terminal (the VM's view):
-  dig @{AGENT_HOST} -p 15053 reviews.default.global +short          # the VIP: {vip}
-  dig @{AGENT_HOST} -p 15053 _http._tcp.reviews.default.global SRV +short
+  dig @{vm} -p 15053 reviews.default.global +short          # the VIP: {vip}
+  dig @{vm} -p 15053 _http._tcp.reviews.default.global SRV +short
   curl http://{vip}:{HTTP_PORT}/                # east first: locality
   # ratings runs only in west: the VM reaches it through mTLS between the gateways
-  curl http://$(dig @{AGENT_HOST} -p 15053 ratings.default.global +short):{HTTP_PORT}/
-  isthmus status {east_api}
+  curl http://$(dig @{vm} -p 15053 ratings.default.global +short):{HTTP_PORT}/
+  isthmus status {east_cfg}
+  isthmus status --config {base}/vm-1/vm-1.yaml   # the agent's own view
 
 Shift traffic, from any cluster's API (replicated to all):
-  isthmus traffic set reviews.default east=20 west=80 {east_api}
+  isthmus traffic set reviews.default east=20 west=80 {east_cfg}
   for i in $(seq 20); do curl -s http://{vip}:{HTTP_PORT}/; done | sort | uniq -c
 
 Kill a backend and watch failover (no failed requests):
-  curl -X POST http://{e.rsplit(".", 1)[0]}.11:{HTTP_PORT}/fail
+  curl -X POST http://{layout.service("east", 1)}:{HTTP_PORT}/fail
   for i in $(seq 20); do curl -s http://{vip}:{HTTP_PORT}/; done | sort | uniq -c
-  curl -X POST http://{e.rsplit(".", 1)[0]}.11:{HTTP_PORT}/recover
+  curl -X POST http://{layout.service("east", 1)}:{HTTP_PORT}/recover
 
 Ctrl-C stops everything.
 """
 
 
-async def run_demo(base: Path, ready: asyncio.Event | None = None) -> None:
+def _write_config(path: Path, raw: dict[str, Any]) -> Any:
+    """The config as a file (so `isthmus status --config` works), loaded like `run` does."""
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return configmod.load(path)
+
+
+async def run_demo(base: Path, layout: Layout, ready: asyncio.Event | None = None) -> None:
     make_pki(base)
     services = [
-        SampleService("reviews", "east", "v1", "127.10.0.11"),
-        SampleService("reviews", "west", "v2", "127.20.0.11"),
-        SampleService("ratings", "west", "v1", "127.20.0.12"),
+        SampleService("reviews", "east", "v1", layout.service("east", 1)),
+        SampleService("reviews", "west", "v2", layout.service("west", 1)),
+        SampleService("ratings", "west", "v1", layout.service("west", 2)),
     ]
     appliances: list[Appliance] = []
     try:
         for s in services:
             await s.start()
         for name in CLUSTERS:
-            app = Appliance(configmod.validate(cluster_config(base, name, services)))
-            await app.start()
+            cfg = _write_config(base / name / f"{name}.yaml",
+                                cluster_config(base, name, services, layout))
+            app = Appliance(cfg)
             appliances.append(app)
+            await app.start()
         east = appliances[0]
         assert east.bootstrap_tokens is not None
         token, _ = east.bootstrap_tokens.create(600)
-        agent = Appliance(configmod.validate(agent_config(base, token)))
-        await agent.start()
+        agent = Appliance(_write_config(base / "vm-1" / "vm-1.yaml",
+                                        agent_config(base, token, layout)))
         appliances.append(agent)
+        await agent.start()
         # ready when the VM sees every sample backend healthy, in both clusters, and a call
         # through its egress to each service answers
         want = {("reviews", "east"), ("reviews", "west"), ("ratings", "west")}
@@ -257,7 +363,7 @@ async def run_demo(base: Path, ready: asyncio.Event | None = None) -> None:
                 await asyncio.sleep(0.1)
         await _until_served(table)
         vip = str(next(r.vip for k, r in table.services.items() if k.name == "reviews"))
-        print(instructions(base, vip), flush=True)
+        print(instructions(base, vip, layout), flush=True)
         if ready is not None:
             ready.set()
         stop = asyncio.Event()
@@ -275,8 +381,9 @@ async def run_demo(base: Path, ready: asyncio.Event | None = None) -> None:
                 await s.runner.cleanup()
 
 
-def main(keep: str | None) -> int:
+def main(keep: str | None, base: str | None = None) -> int:
     from isthmus import logs
+    from isthmus.appliance import StartupError
 
     logs.setup("warning", "text")
     try:
@@ -285,14 +392,25 @@ def main(keep: str | None) -> int:
         runner = uvloop.run
     except ImportError:  # pragma: no cover
         runner = asyncio.run
-    if keep:
-        base = Path(keep)
-        base.mkdir(parents=True, exist_ok=True)
-        if any(base.iterdir()):
-            print(f"isthmus demo: {base} is not empty", flush=True)
-            return 1
-        runner(run_demo(base))
-        return 0
-    with tempfile.TemporaryDirectory(prefix="isthmus-demo-") as d:
-        runner(run_demo(Path(d)))
+    try:
+        layout = choose_layout(base)
+        if keep:
+            state = Path(keep)
+            state.mkdir(parents=True, exist_ok=True)
+            if any(state.iterdir()):
+                raise DemoError(f"{state} is not empty")
+            runner(run_demo(state, layout))
+            return 0
+        with tempfile.TemporaryDirectory(prefix="isthmus-demo-") as d:
+            runner(run_demo(Path(d), layout))
+    except (DemoError, StartupError) as e:
+        print(f"isthmus demo: {e}", file=sys.stderr, flush=True)
+        return 1
+    except OSError as e:  # something took an address between the probe and the bind
+        print(f"isthmus demo: {e.strerror or e}; try again, or pass --base 127.N",
+              file=sys.stderr, flush=True)
+        return 1
+    except TimeoutError:
+        print("isthmus demo: the federation did not come up within 30 s", file=sys.stderr)
+        return 1
     return 0

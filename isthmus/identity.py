@@ -102,7 +102,8 @@ def load_node_trust(cfg: Config, kind: Kind = Kind.GATEWAY) -> NodeTrust:
         bundle = load_bundle(Path(t.bundle))
     except TrustError as e:
         raise IdentityError(
-            f"trust.bundle: {e} (create a PKI with `isthmus ca init`, see docs/trust.md)"
+            f"trust.bundle: {e} (create a PKI with `isthmus ca init`; `isthmus docs trust` "
+            "explains it)"
         ) from None
     authority = None
     if Path(t.ca_cert).exists() and Path(t.ca_key).exists():

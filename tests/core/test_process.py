@@ -171,7 +171,7 @@ def test_the_readme_story(tmp_path: Path, appliance_process: ApplianceProcess) -
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             line = next((ln for ln in status().splitlines() if ln.startswith("vm-1 ")), "")
-            if line.split()[-1:] == [word]:
+            if line.split()[4:5] == [word]:  # WORKLOAD SERVICE ADDRESS CHECK HEALTH WHY
                 return
             time.sleep(0.2)
         raise AssertionError(f"vm-1 never became {word}:\n{status()}")

@@ -1,0 +1,83 @@
+"""`isthmus config check`: what `isthmus run` would refuse, found without starting anything."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+
+from dns.errors import DnsError
+from dns.server import DnsServer
+from federation.routing import TableHolder
+from isthmus.config import Config, role_problems, split_host_port
+
+
+def _readable(path: str) -> bool:
+    return os.access(path, os.R_OK)
+
+
+def listeners(cfg: Config) -> dict[str, str]:
+    """The addresses this config listens on, by key."""
+    roles = set(cfg.roles)
+    out = {"api.listen": cfg.api.listen}
+    if cfg.metrics.enabled:
+        out["metrics.listen"] = cfg.metrics.listen
+    if "control" in roles:
+        out["control.listen"] = cfg.control.listen
+    if "ingress" in roles:
+        out["ingress.listen"] = cfg.ingress.listen
+    if "dns" in roles or "agent" in roles:
+        out["dns.listen"] = cfg.dns.listen
+    if cfg.monitor.enabled:
+        out["monitor.listen"] = cfg.monitor.listen
+    return out
+
+
+def deeper_problems(cfg: Config) -> list[str]:
+    problems = role_problems(cfg)
+    roles = set(cfg.roles)
+    if "dns" in roles or "agent" in roles:
+        try:
+            DnsServer(cfg.dns.corefile, cfg.dns.listen, TableHolder(), base_dir=cfg.data_dir)
+        except DnsError as e:
+            problems.append(f"dns.corefile: {e}")
+    needs_bundle = "agent" in roles or bool({"ingress", "egress"} & roles or cfg.federation.peers)
+    if needs_bundle and not _readable(cfg.trust.bundle):
+        problems.append(f"trust.bundle: cannot read {cfg.trust.bundle} (the trusted roots; "
+                        "`isthmus ca init` makes them)")
+    if "agent" in roles and not (Path(cfg.trust.cert).exists() or
+                                 _readable(cfg.agent.bootstrap_token_file)):
+        problems.append(
+            f"agent.bootstrap_token_file: cannot read {cfg.agent.bootstrap_token_file} and there "
+            f"is no identity in {cfg.trust.cert} yet (create a token with `isthmus token create` "
+            "on the control node)"
+        )
+    seen: dict[tuple[str, int], str] = {}
+    for key, listen in listeners(cfg).items():
+        host, port = split_host_port(listen)
+        if port == 0:
+            continue
+        for (h, p), other in seen.items():
+            overlap = h == host or "0.0.0.0" in (h, host) or "::" in (h, host)
+            if p == port and overlap:
+                problems.append(f"{key}: {listen} is also {other}'s address")
+        seen[(host, port)] = key
+    return problems
+
+
+def summary(cfg: Config) -> list[str]:
+    lines = [
+        f"cluster {cfg.cluster}, node {cfg.node}, trust domain {cfg.trust_domain}, roles "
+        f"{', '.join(cfg.roles)}",
+        f"data_dir {cfg.data_dir}",
+    ]
+    for key, listen in listeners(cfg).items():
+        host, _ = split_host_port(listen)
+        exposed = host != "localhost" and not ipaddress.ip_address(host).is_loopback
+        lines.append(f"{key} {listen}" + ("  (reachable from other hosts)" if exposed else ""))
+    if cfg.federation.peers:
+        peers = ", ".join(f"{p.cluster} at {p.address}" for p in cfg.federation.peers)
+        lines.append(f"peers: {peers}; exports {', '.join(cfg.federation.export)}")
+    if cfg.discovery.workloads:
+        lines.append(f"static workloads: {len(cfg.discovery.workloads)}")
+    return lines
