@@ -34,6 +34,7 @@ import socket
 from dataclasses import dataclass
 from typing import Protocol, cast
 
+from gateway.closing import abort_transport, close_transport
 from gateway.errors import RelayError
 
 __all__ = [
@@ -258,7 +259,7 @@ class ProtocolRelay:
         self._set_outcome(RelayOutcome.ABORTED)
         for side in (self.a, self.b):
             if side.transport is not None:
-                side.transport.close()
+                close_transport(side.transport)
         self._maybe_done()
 
     def abort(self) -> None:
@@ -281,10 +282,10 @@ class ProtocolRelay:
             self._set_outcome(RelayOutcome.CLOSED)
             for s in (self.a, self.b):
                 if s.transport is not None:
-                    s.transport.close()
+                    close_transport(s.transport)
         elif not keep_open and side.peer.transport is not None:
             # This side closes now (TLS); the other direction cannot be delivered.
-            side.peer.transport.close()
+            close_transport(side.peer.transport)
         return keep_open
 
     def side_lost(self, side: _Side, exc: Exception | None) -> None:
@@ -292,7 +293,7 @@ class ProtocolRelay:
         if exc is not None:
             self._set_outcome(RelayOutcome.RESET, f"{side.name}: {exc!r}")
             if peer is not None:
-                peer.abort()
+                abort_transport(peer)
         else:
             self._set_outcome(RelayOutcome.CLOSED)
             if peer is not None and not peer.is_closing():
@@ -309,7 +310,7 @@ class ProtocolRelay:
     def _abort_all(self) -> None:
         for side in (self.a, self.b):
             if side.transport is not None:
-                side.transport.abort()
+                abort_transport(side.transport)
         self._maybe_done()
 
     def _finish_with(self, outcome: RelayOutcome, error: str) -> None:

@@ -15,7 +15,9 @@ from typing import Any
 
 import pytest
 import uvloop
+from gw_topology import Pki
 
+from federation.trust.contexts import client_context, server_context
 from gateway.errors import RelayError
 from gateway.relay import (
     ProtocolRelay,
@@ -264,6 +266,58 @@ def test_protocol_relay_holds_bytes_that_arrive_before_start(loop_kind: str) -> 
                 s.close()
 
     run(loop_kind, main())
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_closing_a_relay_whose_tls_side_ended_leaves_it_whole(loop_kind: str) -> None:
+    # close() on asyncio's TLS transport once it is closing (here: after the peer's
+    # close_notify) cuts it from its TLS layer (CPython gh-98539): abort() then raised
+    # AttributeError on 3.11.1-3.11.3, and get_extra_info() raises on every version.
+    pki = Pki.create()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        front = socket.create_server(("127.0.61.5", 0))
+        back = socket.create_server(("127.0.61.6", 0))
+        b = socket.socket()
+        for s in (front, back, b):
+            s.setblocking(False)
+        relay = ProtocolRelay(RelayConfig(idle_timeout=None))
+        try:
+            client_ctx = client_context(pki.east, pki.bundle)
+            dialing = asyncio.ensure_future(
+                asyncio.open_connection(
+                    *front.getsockname(), ssl=client_ctx, server_hostname="relay.test"
+                )
+            )
+            a, _ = await loop.sock_accept(front)
+            server_ctx = server_context(pki.west, pki.bundle)
+            await loop.connect_accepted_socket(lambda: relay.a, a, ssl=server_ctx)
+            reader, writer = await dialing
+            await loop.sock_connect(b, back.getsockname())
+            await loop.connect_accepted_socket(lambda: relay.b, b)
+            server, _ = await loop.sock_accept(back)
+            try:
+                relay.start()
+                writer.write(b"hello over tls")
+                writer.close()  # close_notify: the relay's TLS side ends
+                assert await read_all(server) == b"hello over tls"
+                assert await reader.read() == b""
+                server.shutdown(socket.SHUT_WR)
+                stats = await relay.wait()
+            finally:
+                server.close()
+            assert (stats.a_to_b, stats.outcome) == (14, RelayOutcome.CLOSED)
+            relay.close()
+            relay.abort()
+            tls = relay.a.transport
+            assert tls is not None and tls.is_closing()
+            assert tls.get_extra_info("ssl_object") is not None  # still whole
+        finally:
+            for s in (front, back):
+                s.close()
+
+    run(loop_kind, main(), limit=20)
 
 
 def test_splice_refuses_non_tcp_sockets() -> None:
