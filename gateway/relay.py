@@ -183,12 +183,29 @@ class _Side(asyncio.Protocol):
             # Read before the relay started (a TLS stack may hand over bytes that came with
             # the handshake): hold them until start, and read no more meanwhile.
             self.early.append(data)
-            self.update_reading()
+            self.hold()
         elif not peer.is_closing():
             peer.write(data)
 
+    def hold(self) -> None:
+        """Stop reading until the relay starts."""
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        if not t.is_reading():
+            # Paused, and yet bytes came: CPython 3.11.0-3.11.3 ignore a pause_reading() called
+            # from connection_made (gh-103607) and then take the transport for paused, so
+            # pausing again does nothing. A resume before the pause removes the reader.
+            t.resume_reading()
+        self.reading = False
+        t.pause_reading()
+
     def eof_received(self) -> bool:
         self.eof = True
+        if not self.relay.started:
+            # Before the start (see `hold`): passed on by `start`, after the early bytes.
+            self.hold()
+            return self.transport is not None and self.transport.can_write_eof()
         return self.relay.side_eof(self)
 
     def pause_writing(self) -> None:
@@ -232,10 +249,14 @@ class ProtocolRelay:
             if side.lost or side.transport.is_closing():  # type: ignore[union-attr]
                 self._finish_with(RelayOutcome.RESET, f"side {side.name} closed before start")
                 return
+        for side in (self.a, self.b):
             if side.early and side.peer.transport is not None:
                 side.peer.transport.writelines(side.early)
                 side.early.clear()
             side.update_reading()
+        for side in (self.a, self.b):
+            if side.eof:  # came before the start: its bytes went first
+                self.side_eof(side)
         self._idle.start()
 
     async def wait(self) -> RelayStats:

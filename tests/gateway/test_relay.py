@@ -6,6 +6,7 @@ Topology per test: client -> [front listener] a | relay | b -> [backend listener
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import socket
 from collections.abc import AsyncIterator, Coroutine
@@ -266,6 +267,86 @@ def test_protocol_relay_holds_bytes_that_arrive_before_start(loop_kind: str) -> 
                 s.close()
 
     run(loop_kind, main())
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_protocol_relay_passes_on_an_eof_that_came_before_start(loop_kind: str) -> None:
+    # Bytes and EOF already waiting when the relay starts go on in that order, and the other
+    # direction stays open. CPython 3.11.0-3.11.3 ignore pause_reading() called from
+    # connection_made (gh-103607), so there a side reads them before the relay starts.
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        front = socket.create_server(("127.0.61.3", 0))
+        back = socket.create_server(("127.0.61.4", 0))
+        client = socket.socket()
+        for s in (front, back, client):
+            s.setblocking(False)
+        try:
+            await loop.sock_connect(client, front.getsockname())
+            a, _ = await loop.sock_accept(front)
+            await loop.sock_sendall(client, b"early request")
+            client.shutdown(socket.SHUT_WR)
+            relay = ProtocolRelay(RelayConfig(idle_timeout=None))
+            await loop.connect_accepted_socket(lambda: relay.a, a)
+            await asyncio.sleep(0.05)  # let them arrive while the backend is not connected
+            await loop.create_connection(lambda: relay.b, *back.getsockname())
+            server, _ = await loop.sock_accept(back)
+            try:
+                relay.start()
+                assert await read_all(server) == b"early request"  # then the EOF
+                await loop.sock_sendall(server, b"answer after your EOF")
+                server.shutdown(socket.SHUT_WR)
+                assert await read_all(client) == b"answer after your EOF"
+                stats = await relay.wait()
+            finally:
+                server.close()
+            assert stats == RelayStats(13, 21, RelayOutcome.CLOSED, "protocol")
+        finally:
+            for s in (front, back, client):
+                s.close()
+
+    run(loop_kind, main(), limit=20)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_protocol_relay_reads_no_more_than_a_chunk_before_start(loop_kind: str) -> None:
+    # Back-pressure before the start: the sender is held by the kernel's buffers, not by the
+    # relay's memory. 3.11.0-3.11.3 kept reading after pause_reading() from connection_made
+    # (gh-103607): 13 MB were held here before the fix.
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        front = socket.create_server(("127.0.61.7", 0))
+        back = socket.create_server(("127.0.61.8", 0))
+        client = socket.socket()
+        for s in (front, back, client):
+            s.setblocking(False)
+        try:
+            await loop.sock_connect(client, front.getsockname())
+            a, _ = await loop.sock_accept(front)
+            relay = ProtocolRelay(RelayConfig(idle_timeout=None))
+            await loop.connect_accepted_socket(lambda: relay.a, a)
+            sent = 0
+            for _ in range(100):
+                with contextlib.suppress(BlockingIOError):
+                    sent += client.send(BLOCK[:65536])
+                await asyncio.sleep(0.001)
+            assert relay.a.received <= 256 << 10, relay.a.received
+            await loop.create_connection(lambda: relay.b, *back.getsockname())
+            server, _ = await loop.sock_accept(back)
+            try:
+                relay.start()
+                client.shutdown(socket.SHUT_WR)
+                assert len(await read_all(server)) == sent
+                server.shutdown(socket.SHUT_WR)
+                stats = await relay.wait()
+            finally:
+                server.close()
+            assert (stats.a_to_b, stats.outcome) == (sent, RelayOutcome.CLOSED)
+        finally:
+            for s in (front, back, client):
+                s.close()
+
+    run(loop_kind, main(), limit=20)
 
 
 @pytest.mark.parametrize("loop_kind", LOOPS)
