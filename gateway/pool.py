@@ -31,6 +31,7 @@ from federation.trust.errors import TrustError
 from federation.trust.observe import classify, record_failure
 from federation.trust.spiffe import SpiffeId
 from federation.trust.verify import verify_peer
+from gateway.closing import abort_transport, close_transport
 from gateway.errors import ConnectFailed
 from gateway.metrics import Outcome
 from gateway.tlsclient import ClientContexts
@@ -271,7 +272,7 @@ class TunnelPool:
             tunnel.protocol.on_lost = None
             if tunnel.alive and now - tunnel.born < self.config.max_idle_age:
                 return tunnel
-            tunnel.transport.abort()
+            abort_transport(tunnel.transport)
         return None
 
     def _refill_later(self, pool: _Pool) -> None:
@@ -334,7 +335,7 @@ class TunnelPool:
             tunnel = pool.idle.popleft()
             tunnel.protocol.on_lost = None
             with contextlib.suppress(Exception):
-                tunnel.transport.close()
+                close_transport(tunnel.transport)
 
     def _check_generation(self) -> None:
         generation = self.contexts.credentials.generation
@@ -365,7 +366,7 @@ class TunnelPool:
                     kept.append(tunnel)
                 else:
                     tunnel.protocol.on_lost = None
-                    tunnel.transport.close()
+                    close_transport(tunnel.transport)  # it may be closing already
             pool.idle = kept
             if pool.failures == 0:
                 self._refill(pool)

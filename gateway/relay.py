@@ -34,6 +34,7 @@ import socket
 from dataclasses import dataclass
 from typing import Protocol, cast
 
+from gateway.closing import abort_transport, close_transport
 from gateway.errors import RelayError
 
 __all__ = [
@@ -182,12 +183,29 @@ class _Side(asyncio.Protocol):
             # Read before the relay started (a TLS stack may hand over bytes that came with
             # the handshake): hold them until start, and read no more meanwhile.
             self.early.append(data)
-            self.update_reading()
+            self.hold()
         elif not peer.is_closing():
             peer.write(data)
 
+    def hold(self) -> None:
+        """Stop reading until the relay starts."""
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        if not t.is_reading():
+            # Paused, and yet bytes came: CPython 3.11.0-3.11.3 ignore a pause_reading() called
+            # from connection_made (gh-103607) and then take the transport for paused, so
+            # pausing again does nothing. A resume before the pause removes the reader.
+            t.resume_reading()
+        self.reading = False
+        t.pause_reading()
+
     def eof_received(self) -> bool:
         self.eof = True
+        if not self.relay.started:
+            # Before the start (see `hold`): passed on by `start`, after the early bytes.
+            self.hold()
+            return self.transport is not None and self.transport.can_write_eof()
         return self.relay.side_eof(self)
 
     def pause_writing(self) -> None:
@@ -231,10 +249,14 @@ class ProtocolRelay:
             if side.lost or side.transport.is_closing():  # type: ignore[union-attr]
                 self._finish_with(RelayOutcome.RESET, f"side {side.name} closed before start")
                 return
+        for side in (self.a, self.b):
             if side.early and side.peer.transport is not None:
                 side.peer.transport.writelines(side.early)
                 side.early.clear()
             side.update_reading()
+        for side in (self.a, self.b):
+            if side.eof:  # came before the start: its bytes went first
+                self.side_eof(side)
         self._idle.start()
 
     async def wait(self) -> RelayStats:
@@ -258,7 +280,7 @@ class ProtocolRelay:
         self._set_outcome(RelayOutcome.ABORTED)
         for side in (self.a, self.b):
             if side.transport is not None:
-                side.transport.close()
+                close_transport(side.transport)
         self._maybe_done()
 
     def abort(self) -> None:
@@ -281,10 +303,10 @@ class ProtocolRelay:
             self._set_outcome(RelayOutcome.CLOSED)
             for s in (self.a, self.b):
                 if s.transport is not None:
-                    s.transport.close()
+                    close_transport(s.transport)
         elif not keep_open and side.peer.transport is not None:
             # This side closes now (TLS); the other direction cannot be delivered.
-            side.peer.transport.close()
+            close_transport(side.peer.transport)
         return keep_open
 
     def side_lost(self, side: _Side, exc: Exception | None) -> None:
@@ -292,7 +314,7 @@ class ProtocolRelay:
         if exc is not None:
             self._set_outcome(RelayOutcome.RESET, f"{side.name}: {exc!r}")
             if peer is not None:
-                peer.abort()
+                abort_transport(peer)
         else:
             self._set_outcome(RelayOutcome.CLOSED)
             if peer is not None and not peer.is_closing():
@@ -309,7 +331,7 @@ class ProtocolRelay:
     def _abort_all(self) -> None:
         for side in (self.a, self.b):
             if side.transport is not None:
-                side.transport.abort()
+                abort_transport(side.transport)
         self._maybe_done()
 
     def _finish_with(self, outcome: RelayOutcome, error: str) -> None:

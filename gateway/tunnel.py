@@ -34,6 +34,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from gateway.closing import abort_transport, close_transport
 from gateway.errors import StreamReset
 from gateway.mux import (
     DEFAULT_MAX_PAYLOAD,
@@ -411,7 +412,7 @@ class MuxConnection(asyncio.Protocol):
     def _maybe_close_idle(self) -> None:
         if self.going_away and not self.streams and self.transport is not None:
             self._flush()
-            self.transport.close()
+            close_transport(self.transport)  # once: the peer may have closed it already
 
     # --- whole connection -------------------------------------------------------------------
 
@@ -427,11 +428,11 @@ class MuxConnection(asyncio.Protocol):
         self.goaway("closing")
         self._flush()
         if self.transport is not None:
-            self.transport.close()
+            close_transport(self.transport)
 
     def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
+        if self.transport is not None and not self.lost:
+            abort_transport(self.transport)
 
     def _keepalive(self) -> None:
         self._ping_handle = None

@@ -6,6 +6,7 @@ Topology per test: client -> [front listener] a | relay | b -> [backend listener
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import socket
 from collections.abc import AsyncIterator, Coroutine
@@ -15,7 +16,9 @@ from typing import Any
 
 import pytest
 import uvloop
+from gw_topology import Pki
 
+from federation.trust.contexts import client_context, server_context
 from gateway.errors import RelayError
 from gateway.relay import (
     ProtocolRelay,
@@ -264,6 +267,138 @@ def test_protocol_relay_holds_bytes_that_arrive_before_start(loop_kind: str) -> 
                 s.close()
 
     run(loop_kind, main())
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_protocol_relay_passes_on_an_eof_that_came_before_start(loop_kind: str) -> None:
+    # Bytes and EOF already waiting when the relay starts go on in that order, and the other
+    # direction stays open. CPython 3.11.0-3.11.3 ignore pause_reading() called from
+    # connection_made (gh-103607), so there a side reads them before the relay starts.
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        front = socket.create_server(("127.0.61.3", 0))
+        back = socket.create_server(("127.0.61.4", 0))
+        client = socket.socket()
+        for s in (front, back, client):
+            s.setblocking(False)
+        try:
+            await loop.sock_connect(client, front.getsockname())
+            a, _ = await loop.sock_accept(front)
+            await loop.sock_sendall(client, b"early request")
+            client.shutdown(socket.SHUT_WR)
+            relay = ProtocolRelay(RelayConfig(idle_timeout=None))
+            await loop.connect_accepted_socket(lambda: relay.a, a)
+            await asyncio.sleep(0.05)  # let them arrive while the backend is not connected
+            await loop.create_connection(lambda: relay.b, *back.getsockname())
+            server, _ = await loop.sock_accept(back)
+            try:
+                relay.start()
+                assert await read_all(server) == b"early request"  # then the EOF
+                await loop.sock_sendall(server, b"answer after your EOF")
+                server.shutdown(socket.SHUT_WR)
+                assert await read_all(client) == b"answer after your EOF"
+                stats = await relay.wait()
+            finally:
+                server.close()
+            assert stats == RelayStats(13, 21, RelayOutcome.CLOSED, "protocol")
+        finally:
+            for s in (front, back, client):
+                s.close()
+
+    run(loop_kind, main(), limit=20)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_protocol_relay_reads_no_more_than_a_chunk_before_start(loop_kind: str) -> None:
+    # Back-pressure before the start: the sender is held by the kernel's buffers, not by the
+    # relay's memory. 3.11.0-3.11.3 kept reading after pause_reading() from connection_made
+    # (gh-103607): 13 MB were held here before the fix.
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        front = socket.create_server(("127.0.61.7", 0))
+        back = socket.create_server(("127.0.61.8", 0))
+        client = socket.socket()
+        for s in (front, back, client):
+            s.setblocking(False)
+        try:
+            await loop.sock_connect(client, front.getsockname())
+            a, _ = await loop.sock_accept(front)
+            relay = ProtocolRelay(RelayConfig(idle_timeout=None))
+            await loop.connect_accepted_socket(lambda: relay.a, a)
+            sent = 0
+            for _ in range(100):
+                with contextlib.suppress(BlockingIOError):
+                    sent += client.send(BLOCK[:65536])
+                await asyncio.sleep(0.001)
+            assert relay.a.received <= 256 << 10, relay.a.received
+            await loop.create_connection(lambda: relay.b, *back.getsockname())
+            server, _ = await loop.sock_accept(back)
+            try:
+                relay.start()
+                client.shutdown(socket.SHUT_WR)
+                assert len(await read_all(server)) == sent
+                server.shutdown(socket.SHUT_WR)
+                stats = await relay.wait()
+            finally:
+                server.close()
+            assert (stats.a_to_b, stats.outcome) == (sent, RelayOutcome.CLOSED)
+        finally:
+            for s in (front, back, client):
+                s.close()
+
+    run(loop_kind, main(), limit=20)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_closing_a_relay_whose_tls_side_ended_leaves_it_whole(loop_kind: str) -> None:
+    # close() on asyncio's TLS transport once it is closing (here: after the peer's
+    # close_notify) cuts it from its TLS layer (CPython gh-98539): abort() then raised
+    # AttributeError on 3.11.1-3.11.3, and get_extra_info() raises on every version.
+    pki = Pki.create()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        front = socket.create_server(("127.0.61.5", 0))
+        back = socket.create_server(("127.0.61.6", 0))
+        b = socket.socket()
+        for s in (front, back, b):
+            s.setblocking(False)
+        relay = ProtocolRelay(RelayConfig(idle_timeout=None))
+        try:
+            client_ctx = client_context(pki.east, pki.bundle)
+            dialing = asyncio.ensure_future(
+                asyncio.open_connection(
+                    *front.getsockname(), ssl=client_ctx, server_hostname="relay.test"
+                )
+            )
+            a, _ = await loop.sock_accept(front)
+            server_ctx = server_context(pki.west, pki.bundle)
+            await loop.connect_accepted_socket(lambda: relay.a, a, ssl=server_ctx)
+            reader, writer = await dialing
+            await loop.sock_connect(b, back.getsockname())
+            await loop.connect_accepted_socket(lambda: relay.b, b)
+            server, _ = await loop.sock_accept(back)
+            try:
+                relay.start()
+                writer.write(b"hello over tls")
+                writer.close()  # close_notify: the relay's TLS side ends
+                assert await read_all(server) == b"hello over tls"
+                assert await reader.read() == b""
+                server.shutdown(socket.SHUT_WR)
+                stats = await relay.wait()
+            finally:
+                server.close()
+            assert (stats.a_to_b, stats.outcome) == (14, RelayOutcome.CLOSED)
+            relay.close()
+            relay.abort()
+            tls = relay.a.transport
+            assert tls is not None and tls.is_closing()
+            assert tls.get_extra_info("ssl_object") is not None  # still whole
+        finally:
+            for s in (front, back):
+                s.close()
+
+    run(loop_kind, main(), limit=20)
 
 
 def test_splice_refuses_non_tcp_sockets() -> None:

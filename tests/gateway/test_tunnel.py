@@ -915,6 +915,24 @@ async def test_goaway_lets_open_streams_finish_then_closes(pki: Pki) -> None:
         assert pair.client.lost and pair.server.lost
 
 
+async def test_close_and_abort_after_the_peer_closed_the_tunnel(pki: Pki) -> None:
+    # Once the peer's close_notify came, asyncio's TLS transport says it is closing; a close()
+    # then cuts it from its TLS layer (CPython gh-98539), after which abort() raised
+    # AttributeError on 3.11.1-3.11.3 and get_extra_info() raises on every version.
+    async with asyncio.timeout(LIMIT), mux_pair(pki, echo) as pair:
+        stream, peer = await pair.open()
+        pair.server.close()  # GOAWAY, then close_notify: the egress learns it was dropped
+        assert await peer.reset_reason() == "tunnel_lost"
+        await pair.client.closed
+        transport = pair.client.transport
+        assert transport is not None and transport.is_closing()
+        pair.client.close()
+        pair.client.goaway("again")
+        pair.client.abort()
+        stream.close()
+        assert transport.get_extra_info("peercert") is not None  # still whole
+
+
 async def test_goaway_from_the_egress_side(pki: Pki) -> None:
     async with asyncio.timeout(LIMIT), mux_pair(pki, echo) as pair:
         pair.client.goaway("new identity")
