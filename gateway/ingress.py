@@ -12,8 +12,15 @@ Per connection:
    connect failure) and relay bytes both ways.
 
 Every refusal is counted (`isthmus_rejections_total`, or the trust library's handshake
-counter) and logged on one line. Limits: connections overall, connections still before
-their relay (ClientHello + handshake), and timeouts for each step.
+counter) and logged rate-limited: the first of a reason at once, then one line per reason per
+`refusal_log_interval` with the count (`gateway/admission.py: RefusalLog`).
+
+Limits: connections overall; connections still before their relay (ClientHello + handshake +
+endpoint connect), the "pending" slots, shared by source (`gateway/admission.py:
+ConnectionSlots`) so that one source cannot starve the federation's peers: a per-source cap
+for unknown sources, a share of the slots kept for known peers (configured `peer_sources`, and
+addresses that completed a verified handshake in the last `known_peer_ttl`), and a per-peer
+cap inside it; and a timeout for each step, the ClientHello's shorter than the handshake's.
 """
 
 from __future__ import annotations
@@ -31,9 +38,10 @@ from federation.routing import RoutingTable, ServiceRoute, TableHolder
 from federation.trust.connections import VerifiedConnection
 from federation.trust.credentials import TlsCredentials
 from federation.trust.errors import TrustError
-from federation.trust.observe import classify, record_failure
+from federation.trust.observe import classify, count_failure
 from federation.trust.spiffe import SpiffeId
 from federation.trust.verify import verify_peer
+from gateway.admission import ConnectionSlots, Full, RefusalLog, Slot, SlotLimits
 from gateway.balancer import Balancer, Choice, FailureKind, Target
 from gateway.clienthello import (
     MAX_CLIENT_HELLO,
@@ -65,12 +73,20 @@ FederationHandler = Callable[[VerifiedConnection], Awaitable[None]]
 class IngressConfig:
     host: str = "0.0.0.0"
     port: int = 15443
-    client_hello_timeout: float = 5.0
+    # A ClientHello comes in the first flight after the TCP handshake: a short deadline frees the
+    # slot of a client that sends a few bytes and stalls, long before the handshake timeout.
+    client_hello_timeout: float = 2.0
     handshake_timeout: float = 10.0
     connect_timeout: float = 5.0
     connect_attempts: int = 3
     max_connections: int = 10_000
     max_pending: int = 512  # connections not yet relaying (reading hello, handshaking, connecting)
+    max_pending_per_source: int = 16  # pending slots one unknown source (IPv4, IPv6 /64) may hold
+    max_pending_per_peer: int = 128  # pending slots one known peer may hold
+    reserved_pending_share: float = 0.5  # of max_pending, taken only by known peers
+    peer_sources: tuple[str, ...] = ()  # peers' source addresses or CIDRs: always known
+    known_peer_ttl: float = 3600.0  # a verified handshake makes its source known this long
+    refusal_log_interval: float = 10.0  # one log line per refusal reason per interval
     backlog: int = 1024
     reuse_port: bool = False  # several worker processes share the port
     relay: RelayConfig = field(default_factory=RelayConfig)
@@ -102,7 +118,20 @@ class Ingress:
         self._tasks: set[asyncio.Task[None]] = set()
         self._relays: set[ProtocolRelay] = set()
         self._tunnels: set[MuxConnection] = set()
-        self._pending = 0
+        self._slots = ConnectionSlots(
+            SlotLimits(
+                total=config.max_pending,
+                per_source=config.max_pending_per_source,
+                reserved_share=config.reserved_pending_share,
+                per_peer=config.max_pending_per_peer,
+                known_ttl=config.known_peer_ttl,
+            ),
+            config.peer_sources,
+        )
+        self._refusals = RefusalLog(log, "ingress refused connection", config.refusal_log_interval)
+        self._tls_refusals = RefusalLog(
+            log, "ingress tls handshake refused", config.refusal_log_interval, {"side": "server"}
+        )
 
     @property
     def address(self) -> tuple[str, int]:
@@ -114,6 +143,14 @@ class Ingress:
     @property
     def connections(self) -> int:
         return len(self._tasks)
+
+    @property
+    def pending(self) -> int:
+        """Connections holding a pending slot (before their relay)."""
+        return self._slots.held
+
+    def is_known_peer(self, host: str) -> bool:
+        return self._slots.is_known(host)
 
     async def start(self) -> None:
         cfg = self.config
@@ -149,6 +186,8 @@ class Ingress:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._refusals.flush()
+        self._tls_refusals.flush()
 
     # --- accepting ----------------------------------------------------------------------------
 
@@ -165,26 +204,38 @@ class Ingress:
             if len(self._tasks) >= self.config.max_connections:
                 self._refuse(sock, peer, _Refusal("connection_limit", "too many connections"))
                 continue
-            if self._pending >= self.config.max_pending:
+            slot = self._slots.acquire(addr[0])
+            if slot is Full.SOURCE:
+                self._refuse(sock, peer, _Refusal("source_limit", "this source holds its share"))
+                continue
+            if isinstance(slot, Full):
                 self._refuse(sock, peer, _Refusal("pending_limit", "too many handshakes"))
                 continue
-            task = asyncio.create_task(self._serve(sock, peer))
+            task = asyncio.create_task(self._serve(sock, peer, slot))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
     def _refuse(self, sock: socket.socket | None, peer: str, refusal: _Refusal) -> None:
         record_rejection(GatewayKind.INGRESS, self._tables.current.cluster, refusal.reason)
-        log.warning(
-            "ingress refused connection",
-            extra={"peer": peer, "reason": refusal.reason, "detail": refusal.detail},
-        )
+        self._refusals.refused(refusal.reason, peer, refusal.detail, _host(peer))
         if sock is not None:
             sock.close()
 
-    async def _serve(self, sock: socket.socket, peer: str) -> None:
+    def _handshake_refused(self, err: TrustError, peer: str) -> None:
+        count_failure(err)
+        self._tls_refusals.refused(err.reason, peer, str(err), _host(peer))
+
+    async def _serve(self, sock: socket.socket, peer: str, slot: Slot) -> None:
         started = time.monotonic()
-        self._pending += 1
         pending = True
+
+        def admitted() -> None:
+            """Out of the pending phase (relaying, serving a tunnel, or done): free the slot."""
+            nonlocal pending
+            if pending:
+                pending = False
+                self._slots.release(slot)
+
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
@@ -210,16 +261,14 @@ class Ingress:
                 conn = await self._tunnel_handshake(sock, peer)
                 if conn is None:
                     return
-                self._pending -= 1
-                pending = False
+                admitted()
                 await self._serve_tunnel(conn)
                 return
             if isinstance(target, FederationSni):
                 conn = await self._federation_handshake(sock, peer)
                 if conn is None:
                     return
-                self._pending -= 1
-                pending = False
+                admitted()
                 if self._on_federation is None:
                     conn.writer.transport.abort()
                     return
@@ -230,12 +279,10 @@ class Ingress:
             sid = await self._handshake(sock, peer, relay, table)
             if sid is None:
                 return
-            self._pending -= 1
-            pending = False
+            admitted()
             await self._relay_to_endpoint(relay, route, port_name, table, sid, started)
         finally:
-            if pending:
-                self._pending -= 1
+            admitted()
 
     # --- TLS ------------------------------------------------------------------------------------
 
@@ -252,7 +299,7 @@ class Ingress:
                 ssl_handshake_timeout=self.config.handshake_timeout,
             )
         except (OSError, ssl.SSLError, TimeoutError, EOFError) as exc:
-            record_failure(classify(exc), side="server", peer=peer)
+            self._handshake_refused(classify(exc), peer)
             sock.close()
             return None
         sid = self._verify(transport, peer, table)
@@ -274,7 +321,7 @@ class Ingress:
                 ssl_handshake_timeout=self.config.handshake_timeout,
             )
         except (OSError, ssl.SSLError, TimeoutError, EOFError) as exc:
-            record_failure(classify(exc), side="server", peer=peer)
+            self._handshake_refused(classify(exc), peer)
             sock.close()
             return None
         sid = self._verify(transport, peer, self._tables.current)
@@ -359,11 +406,14 @@ class Ingress:
                 peer_is_server=False,
             )
         except TrustError as err:
-            record_failure(err, side="server", peer=peer)
+            self._handshake_refused(err, peer)
             return None
         if sid.cluster not in table.clusters:
             self._refuse(None, peer, _Refusal("peer_not_allowed", f"{sid} is not a member"))
             return None
+        peername = transport.get_extra_info("peername")
+        if isinstance(peername, tuple):
+            self._slots.verified(peername[0])  # a known peer from now on: the reserved share
         return sid
 
     # --- relaying ---------------------------------------------------------------------------
@@ -456,6 +506,11 @@ class Ingress:
             self.balancer.report_success(choice)
             return choice
         return outcome
+
+
+def _host(peer: str) -> str:
+    """The address in a peer label ("ip:port", "ip:port stream N")."""
+    return peer.rpartition(":")[0]
 
 
 def _route_name(

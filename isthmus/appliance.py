@@ -27,7 +27,7 @@ from federation.service import Federation
 from federation.trust import BootstrapTokens, IdentityIssuer, TrustError, issuance_app
 from federation.trust.spiffe import Kind
 from gateway.egress import Egress, EgressConfig
-from gateway.ingress import Ingress, IngressConfig
+from gateway.ingress import Ingress
 from gateway.tunnel import MuxConfig
 from gateway.worker import TlsPaths, WorkerPool, WorkerSpec
 from isthmus import config as configmod
@@ -43,6 +43,14 @@ from isthmus.identity import (
     bootstrap_agent,
     ensure_local_pki,
     load_node_trust,
+)
+from isthmus.listeners import (
+    HttpLimits,
+    api_limits,
+    control_limits,
+    ingress_config,
+    metrics_limits,
+    serve_app,
 )
 from isthmus.metrics import CATALOGS
 
@@ -147,7 +155,9 @@ class Appliance:
             federation=self.federation,
             bootstrap_tokens=self.bootstrap_tokens,
         )
-        self.api_address = await self._serve(make_app(ctx, cfg.api.max_body), cfg.api.listen)
+        self.api_address = await self._serve(
+            make_app(ctx, cfg.api.max_body), cfg.api.listen, limits=api_limits(cfg.api)
+        )
         if cfg.metrics.enabled:
             self.metrics_address = await self._serve(metrics_app(), cfg.metrics.listen)
         if self.trust is not None and self.trust.authority is not None:
@@ -171,12 +181,12 @@ class Appliance:
                 control_app,
                 cfg.control.listen,
                 ssl=self.trust.credentials.listener_context(require_client_cert=False),
+                limits=control_limits(cfg.control),
             )
         if "ingress" in roles:
             assert self.trust is not None
-            host, port = split_host_port(cfg.ingress.listen)
             self.ingress = Ingress(
-                IngressConfig(host=host, port=port),
+                await ingress_config(cfg),
                 self.holder,
                 self.trust.credentials,
                 on_federation=self.federation.feed_server.handle,
@@ -353,23 +363,22 @@ class Appliance:
             raise StartupError(f"api: {e}") from None
         self.tokens.__dict__.update(registry.__dict__)  # swap in place: the API holds this object
 
-    async def _serve(self, app: web.Application, listen: str, ssl: Any = None) -> tuple[str, int]:
-        host, port = split_host_port(listen)
-        runner = web.AppRunner(
-            app, access_log=None, shutdown_timeout=self.config.drain_timeout, handle_signals=False
-        )
-        await runner.setup()
-        site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl)
+    async def _serve(
+        self, app: web.Application, listen: str, ssl: Any = None, limits: HttpLimits | None = None
+    ) -> tuple[str, int]:
+        """Serve `app` within `limits` (isthmus/listeners.py; the metrics listener's by default)."""
         try:
-            await site.start()
+            runner, address = await serve_app(
+                app,
+                listen,
+                limits or metrics_limits(),
+                ssl_context=ssl,
+                shutdown_timeout=self.config.drain_timeout,
+            )
         except OSError as e:
-            await runner.cleanup()
             raise StartupError(f"cannot listen on {listen}: {e.strerror}") from None
         self._runners.append(runner)
-        server = site._server
-        assert server is not None
-        sockname = server.sockets[0].getsockname()  # type: ignore[union-attr]
-        return sockname[0], sockname[1]
+        return address
 
     def _start_monitor(self) -> None:
         import aiomonitor
@@ -419,13 +428,13 @@ class Appliance:
         live = {"api", "discovery", "log"}
         changed = [k for k in Config.model_fields if getattr(new, k) != getattr(self.config, k)]
         needs_restart = [k for k in changed if k not in live]
-        restart_keys = {"listen", "max_body"}
+        restart_keys = set(type(new.api).model_fields) - {"token_file", "tokens"}  # the listener's
         if (
             new.api.model_dump(include=restart_keys)
             != self.config.api.model_dump(include=restart_keys)
             or new.discovery.backend != self.config.discovery.backend
         ):
-            needs_restart.append("api.listen/max_body or discovery.backend")
+            needs_restart.append("api.listen/max_body/limits or discovery.backend")
         old = self.config
         self.config = new
         try:

@@ -111,6 +111,16 @@ def _duration(value: object) -> float:
     return seconds
 
 
+def _network(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected an IP address or CIDR such as 198.51.100.0/24")
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError("expected an IP address or CIDR such as 198.51.100.0/24") from None
+    return value
+
+
 def _glob(value: str) -> str:
     # A glob over `name.namespace`; reject what could never match a service.
     if not value or any(c not in "abcdefghijklmnopqrstuvwxyz0123456789-.*?[]!" for c in value):
@@ -125,6 +135,10 @@ Listen = Annotated[StrictStr, BeforeValidator(_listen)]
 HostPort = Annotated[StrictStr, BeforeValidator(_endpoint)]
 Cidr = Annotated[StrictStr, BeforeValidator(_cidr)]
 Duration = Annotated[float, BeforeValidator(_duration)]
+# A timeout of a listener: more than nothing, at most an hour.
+Timeout = Annotated[float, BeforeValidator(_duration), Field(gt=0, le=3600)]
+Network = Annotated[StrictStr, BeforeValidator(_network)]
+Count = Annotated[StrictInt, Field(ge=1, le=1_000_000)]
 ExportGlob = Annotated[StrictStr, AfterValidator(_glob)]
 PathStr = Annotated[StrictStr, Field(min_length=1)]
 
@@ -156,20 +170,33 @@ class ApiToken(_Section):
     scopes: list[Scope] = Field(min_length=1)
 
 
-class ApiConfig(_Section):
+class _HttpListener(_Section):
+    """Limits of an HTTP listener (docs/security.md): slow or idle clients are closed, and no
+    source, nor all of them together, can hold more connections than these."""
+
+    header_timeout: Timeout = 10.0  # connection ready to its first complete request head
+    idle_timeout: Timeout = 60.0  # keep-alive: a response to the next complete request head
+    max_connections: Count = 256  # also at most a share of the open-files limit
+    max_connections_per_source: Count = 64  # an IPv4 address or an IPv6 /64
+
+
+class ApiConfig(_HttpListener):
     listen: Listen = "127.0.0.1:15000"
     token_file: PathStr = "/etc/isthmus/api-token"
     tokens: list[ApiToken] = []  # extra, narrower tokens (the token_file one is admin)
     max_body: Annotated[StrictInt, Field(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
 
 
-class ControlConfig(_Section):
+class ControlConfig(_HttpListener):
     listen: Listen = "0.0.0.0:15012"
     # After a restart of the control node, agents get this long to reconnect before their
     # workloads are held critical.
     agent_grace: Duration = 30.0
     # Workloads of an agent disconnected this long are deregistered (null: never).
     agent_reap_after: Duration | None = 72 * 3600.0
+    handshake_timeout: Timeout = 10.0  # TLS: accept to a finished handshake
+    max_connections: Count = 4096  # every agent keeps a WebSocket open
+    max_connections_per_source: Count = 32
 
 
 class AgentConfig(_Section):
@@ -185,6 +212,24 @@ class MetricsConfig(_Section):
 class IngressConfig(_Section):
     listen: Listen = "0.0.0.0:15443"
     public_address: HostPort | None = None
+    # Connections before their relay ("pending": ClientHello, handshake, endpoint connect) are
+    # shared by source so that a flood from one address cannot starve the peers.
+    client_hello_timeout: Timeout = 2.0
+    handshake_timeout: Timeout = 10.0
+    max_pending: Count = 512
+    max_pending_per_source: Count = 16  # unknown sources: an IPv4 address or an IPv6 /64
+    max_pending_per_peer: Count = 128  # known peers
+    reserved_pending_share: Annotated[float, Field(ge=0, le=0.9)] = 0.5  # for known peers only
+    peer_sources: list[Network] = []  # peers' source addresses, beyond federation.peers
+
+    @model_validator(mode="after")
+    def _deadlines(self) -> IngressConfig:
+        if self.client_hello_timeout >= self.handshake_timeout:
+            raise ValueError(
+                f"client_hello_timeout ({self.client_hello_timeout:g}s) must be shorter than "
+                f"handshake_timeout ({self.handshake_timeout:g}s)"
+            )
+        return self
 
 
 class EgressConfig(_Section):

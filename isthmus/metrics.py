@@ -5,7 +5,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterator
 
-from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -16,6 +16,14 @@ API_REQUESTS = Counter(
 )
 API_LATENCY = Histogram(
     "isthmus_api_request_duration_seconds", "Control API request latency", ["method", "route"]
+)
+LISTENER_REJECTIONS = Counter(
+    "isthmus_listener_rejections_total",
+    "Connections an HTTP listener (api, control, metrics) refused or closed for a limit",
+    ["listener", "reason"],
+)
+LISTENER_CONNECTIONS = Gauge(
+    "isthmus_listener_connections", "Connections an HTTP listener holds now", ["listener"]
 )
 
 

@@ -66,9 +66,14 @@ def classify(exc: BaseException) -> errors.TrustError:
     return errors.HandshakeError(f"{type(exc).__name__}: {exc}")
 
 
+def count_failure(err: errors.TrustError) -> None:
+    """Count `err` only: for a caller that logs refusals its own way (rate-limited)."""
+    HANDSHAKE_FAILURES.labels(reason=err.reason).inc()
+
+
 def record_failure(err: errors.TrustError, *, side: str, peer: str | None = None) -> None:
     """Count `err` and log one line naming its reason. `side` is "server" or "client"."""
-    HANDSHAKE_FAILURES.labels(reason=err.reason).inc()
+    count_failure(err)
     log.warning(
         "tls handshake refused reason=%s side=%s peer=%s detail=%s",
         err.reason,

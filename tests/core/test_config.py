@@ -186,3 +186,41 @@ def test_tunnel_settings() -> None:
         configmod.validate({**base, "egress": {"multiplex": "yes", "tunnel_connections": 0}})
     paths = [p.split(":")[0] for p in e.value.problems]
     assert paths == ["egress.multiplex", "egress.tunnel_connections"]
+
+
+def test_listener_limits() -> None:
+    base = {"cluster": "east", "trust_domain": "mesh.test"}
+    cfg = configmod.validate(base)
+    assert (cfg.api.header_timeout, cfg.api.idle_timeout) == (10.0, 60.0)
+    assert cfg.control.handshake_timeout == 10.0 and cfg.control.max_connections == 4096
+    assert (cfg.ingress.client_hello_timeout, cfg.ingress.max_pending_per_source) == (2.0, 16)
+    tuned = configmod.validate(
+        {
+            **base,
+            "api": {"header_timeout": "2s", "max_connections_per_source": 8},
+            "control": {"idle_timeout": "30s", "handshake_timeout": "3s"},
+            "ingress": {"peer_sources": ["198.51.100.0/24", "2001:db8::7"], "max_pending": 64},
+        }
+    )
+    assert tuned.api.header_timeout == 2.0 and tuned.api.max_connections_per_source == 8
+    assert tuned.control.idle_timeout == 30.0 and tuned.control.handshake_timeout == 3.0
+    assert tuned.ingress.peer_sources == ["198.51.100.0/24", "2001:db8::7"]
+    with pytest.raises(ConfigError) as e:
+        configmod.validate(
+            {
+                **base,
+                "api": {"header_timeout": "0s", "handshake_timeout": "1s"},
+                "control": {"max_connections_per_source": 0},
+                "ingress": {"peer_sources": ["peer.example"], "reserved_pending_share": 1},
+            }
+        )
+    paths = [p.split(":")[0] for p in e.value.problems]
+    assert paths == [
+        "api.header_timeout",
+        "api.handshake_timeout",  # the API is plain HTTP: no handshake
+        "control.max_connections_per_source",
+        "ingress.reserved_pending_share",
+        "ingress.peer_sources.0",
+    ]
+    with pytest.raises(ConfigError, match="shorter than handshake_timeout"):
+        configmod.validate({**base, "ingress": {"client_hello_timeout": "10s"}})

@@ -194,7 +194,10 @@ def ingress_table(cluster: Cluster, version: int) -> RoutingTable:
     return RoutingTable.build(version, cluster.name, TD, [r], frozenset({"east", "west"}))
 
 
-async def start_cluster(name: str, pki: Pki, identity: Identity, n_backends: int) -> Cluster:
+async def start_cluster(
+    name: str, pki: Pki, identity: Identity, n_backends: int, **ingress: object
+) -> Cluster:
+    """A cluster's backends and ingress; `ingress` are more IngressConfig fields."""
     prefix = ADDRESSES[name]
     backends = [Backend(name, f"b{i}", f"{prefix}.{10 + i}") for i in range(n_backends)]
     for b in backends:
@@ -202,7 +205,12 @@ async def start_cluster(name: str, pki: Pki, identity: Identity, n_backends: int
     cluster = Cluster(name, backends, credentials=TlsCredentials(identity, pki.bundle))
     cluster.ingress_holder = TableHolder(ingress_table(cluster, 1))
     cluster.ingress = Ingress(
-        IngressConfig(host=f"{prefix}.1", port=0, relay=RelayConfig(idle_timeout=60)),
+        IngressConfig(
+            host=f"{prefix}.1",
+            port=0,
+            relay=RelayConfig(idle_timeout=60),
+            **ingress,  # type: ignore[arg-type]
+        ),
         cluster.ingress_holder,
         cluster.credentials,  # type: ignore[arg-type]
     )
@@ -218,9 +226,11 @@ async def topology(
     n_backends: int = 2,
     config: EgressConfig | None = None,
     policy: OutlierPolicy | None = None,
+    west_ingress: dict[str, object] | None = None,
 ) -> AsyncIterator[Topology]:
+    """`west_ingress`: more IngressConfig fields for west's ingress."""
     east = await start_cluster("east", pki, pki.east, n_backends)
-    west = await start_cluster("west", pki, pki.west, n_backends)
+    west = await start_cluster("west", pki, pki.west, n_backends, **(west_ingress or {}))
     holder = TableHolder()
     config = config or EgressConfig(vip_cidr="127.241.0.0/16")
     assert east.credentials is not None

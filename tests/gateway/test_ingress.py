@@ -311,27 +311,66 @@ async def test_plaintext_garbage_and_slow_clients_are_dropped(pki: Pki) -> None:
         assert rejections("client_hello_timeout") == before["client_hello_timeout"] + 5
 
 
-async def test_pending_limit(pki: Pki) -> None:
-    async with asyncio.timeout(30), site(pki, max_pending=2, client_hello_timeout=5) as s:
+async def test_pending_slots_are_shared_by_source_with_a_reserve_for_peers(pki: Pki) -> None:
+    """4 pending slots, half kept for known peers, 2 per unknown source: a third connection from
+    one source is refused (source_limit); another unknown source finds the shared half taken
+    (pending_limit); a configured peer source still gets the reserve; a closed connection gives
+    its slot back."""
+    limits = {
+        "max_pending": 4,
+        "max_pending_per_source": 2,
+        "reserved_pending_share": 0.5,
+        "peer_sources": ("127.0.91.0/24",),
+        "client_hello_timeout": 20,
+    }
+    async with asyncio.timeout(30), site(pki, **limits) as s:  # type: ignore[arg-type]
         loop = asyncio.get_running_loop()
-        before = rejections("pending_limit")
-        socks = []
+        socks: list[socket.socket] = []
+
+        async def connect(source: str) -> socket.socket:
+            sock = socket.socket()
+            sock.setblocking(False)
+            socks.append(sock)
+            sock.bind((source, 0))
+            await loop.sock_connect(sock, (HOST, s.port))
+            return sock
+
+        async def held(n: int) -> None:
+            for _ in range(500):
+                if s.ingress.pending == n:
+                    return
+                await asyncio.sleep(0.01)
+            raise AssertionError(f"{s.ingress.pending} pending, expected {n}")
+
+        async def refused(source: str, reason: str) -> None:
+            before = rejections(reason)
+            sock = await connect(source)
+            assert await loop.sock_recv(sock, 10) == b""  # closed at once
+            assert rejections(reason) == before + 1
+
         try:
-            for _ in range(2):
-                sock = socket.socket()
-                sock.setblocking(False)
-                await loop.sock_connect(sock, (HOST, s.port))
-                socks.append(sock)
-            for _ in range(100):
-                if s.ingress.connections == 2:
-                    break
-                await asyncio.sleep(0.02)
-            extra = socket.socket()
-            extra.setblocking(False)
-            socks.append(extra)
-            await loop.sock_connect(extra, (HOST, s.port))
-            assert await loop.sock_recv(extra, 10) == b""  # closed at once
-            assert rejections("pending_limit") == before + 1
+            first = await connect("127.0.92.1")
+            await connect("127.0.92.1")
+            await held(2)
+            await refused("127.0.92.1", "source_limit")
+            await refused("127.0.93.1", "pending_limit")
+            await connect("127.0.91.1")
+            await connect("127.0.91.2")
+            await held(4)
+            assert s.ingress.is_known_peer("127.0.91.7")
+            assert not s.ingress.is_known_peer("127.0.92.1")
+            await refused("127.0.91.3", "pending_limit")  # every slot is taken
+            first.close()
+            await held(3)
+            await connect("127.0.93.1")
+            await held(4)
         finally:
             for sock in socks:
                 sock.close()
+
+
+async def test_a_verified_handshake_makes_its_source_a_known_peer(pki: Pki) -> None:
+    async with asyncio.timeout(30), site(pki) as s:
+        assert not s.ingress.is_known_peer("127.0.0.1")
+        assert await round_trip(pki, s.port, b"hello") == b"hello"
+        assert s.ingress.is_known_peer("127.0.0.1")
