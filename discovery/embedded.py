@@ -30,12 +30,12 @@ from typing import Any
 from prometheus_client import Gauge
 
 from discovery.catalog import Catalog, ChangeListener, IPAddress, MemoryView, ServiceSummary
-from discovery.dbfiles import QUARANTINE_DDL, QuarantinedRow, prepare_db, quarantine, quarantined
 from discovery.durations import MAX_DURATION
 from discovery.errors import NotFound, StoreError, VipExhausted
 from discovery.limits import Admission, WriteLimits
 from discovery.model import Check, CheckKind, Health, Locality, Workload, WorkloadState
 from discovery.names import ServiceKey, is_label
+from discovery.statefiles import QUARANTINE_DDL, QuarantinedRow, prepare_db, quarantine, quarantined
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from typing import Any
 
 from prometheus_client import Gauge
 
-from discovery.dbfiles import QUARANTINE_DDL, QuarantinedRow, prepare_db, quarantine, quarantined
 from discovery.errors import InvalidInput, StoreError
 from discovery.names import LABEL_EXPECTED, ServiceKey, is_label
+from discovery.statefiles import QUARANTINE_DDL, QuarantinedRow, prepare_db, quarantine, quarantined
 from federation.hlc import ClockDriftError, HybridClock, Stamp
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,7 @@
-"""The SQLite files under `data_dir`: private modes, no silent fresh start, a quarantine table.
+"""The state files under `data_dir`: private modes, durable renames, SQLite databases that
+never start silently empty, and a quarantine table for rows that do not validate.
+
+- `data_dir` is 0700: created so, and tightened (with a log line) when found looser.
 
 - A new database is created 0600 before SQLite sees it. SQLite gives a database's `-wal` and
   `-shm` files the database file's own mode, so they are 0600 too (opened the other way round,
