@@ -184,12 +184,14 @@ class ListenerAdmission:
         times its distinct ports (at most its distinct names, at most its distinct numbers)."""
         names, numbers = set(names), set(numbers)
         route = self._routes.get(key)
-        clusters = set(route.cluster_vips) if route is not None else set()
-        if names:
-            clusters.add(self.cluster)
+        # The local cluster serves it while the catalog says so (the table may lag behind a
+        # deregistration); remote clusters and their ports only the table knows.
+        remote = set(route.cluster_vips) - {self.cluster} if route is not None else set()
+        clusters = remote | {self.cluster} if names else remote
         if not clusters:
             return 0
-        if route is not None:
+        if remote:
+            assert route is not None
             names |= set(route.ports)
             numbers |= set(route.ports.values())
         return (1 + len(clusters)) * min(len(names), len(numbers))
