@@ -182,8 +182,8 @@ def _seconds(v: object, field: str, optional: bool = False) -> None:
     if (
         isinstance(v, bool)
         or not isinstance(v, int | float)
+        or not 0 <= v <= MAX_DURATION  # before isfinite: a huge int does not fit a float
         or not math.isfinite(v)
-        or not 0 <= v <= MAX_DURATION
     ):
         raise ValueError(f"check.{field}: expected a finite number of seconds, got {v!r:.40}")
 
@@ -319,7 +319,7 @@ class EmbeddedCatalog(Catalog):
                     raise ValueError(f"health: expected passing, critical or unknown, got "
                                      f"{health!r:.40}") from None
                 states.append(WorkloadState(parse_record(wid, body, intern), h, output))
-            except ValueError as e:
+            except Exception as e:  # whatever is wrong with a row, it is that row's problem
                 row = {"body": body, "health": health, "output": output, "mod_index": mod_index}
                 bad.append(("workloads", str(wid), json.dumps(row, default=str), str(e)))
         found = conn.execute("SELECT value FROM meta WHERE key='index'").fetchone()
@@ -334,6 +334,8 @@ class EmbeddedCatalog(Catalog):
         vips: dict[str, IPAddress] = {}
         for key, address in conn.execute("SELECT key, address FROM vips"):
             try:
+                if not isinstance(address, str):
+                    raise ValueError(f"expected an IP address, got {address!r:.40}")
                 vips[str(key)] = ipaddress.ip_address(address)
             except ValueError as e:
                 bad.append(("vips", str(key), json.dumps(address, default=str), f"address: {e}"))

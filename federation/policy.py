@@ -179,7 +179,7 @@ class PolicyStore:
         for row in conn.execute("SELECT service, weights, failover, stamp FROM policies"):
             try:
                 good.append(_policy_from_row(*row))
-            except (ValueError, TypeError, InvalidInput) as e:
+            except Exception as e:  # whatever is wrong with a row, it is that row's problem
                 bad.append((row, str(e)))
         if bad:
             conn.execute("BEGIN IMMEDIATE")
