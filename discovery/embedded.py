@@ -425,8 +425,9 @@ class EmbeddedCatalog(Catalog):
         try:
             return self._commit(conn, batch, next_index)
         except Exception as e:  # sqlite3.Error is handled inside _commit
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            if not conn.in_transaction:
+                raise  # after the commit (the loop is gone): not one op's fault, see _serve_writes
+            conn.execute("ROLLBACK")
             if len(batch) > 1:
                 for op in batch:
                     next_index = self._commit_isolated(conn, [op], next_index)
