@@ -3,6 +3,10 @@
 Writes go through one writer thread that commits them in groups: concurrent registrations
 share one transaction and one fsync, and each caller is answered only after its commit, so
 a crash (even SIGKILL) never loses an acknowledged write.
+
+A damaged file never hangs start-up: rows that do not validate are moved to the `quarantine`
+table and reported, a write the store cannot make fails alone, and should the writer thread
+itself fail, every pending and later write fails with its reason instead of waiting forever.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import hashlib
 import ipaddress
 import json
 import logging
+import math
 import os
 import queue
 import sqlite3
@@ -22,12 +27,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import Gauge
+
 from discovery.catalog import Catalog, ChangeListener, IPAddress, MemoryView, ServiceSummary
+from discovery.durations import MAX_DURATION
 from discovery.errors import NotFound, StoreError, VipExhausted
+from discovery.limits import Admission, WriteLimits
 from discovery.model import Check, CheckKind, Health, Locality, Workload, WorkloadState
-from discovery.names import ServiceKey
+from discovery.names import ServiceKey, is_label
+from discovery.statefiles import QUARANTINE_DDL, QuarantinedRow, prepare_db, quarantine, quarantined
 
 log = logging.getLogger(__name__)
+
+QUARANTINED = Gauge(
+    "isthmus_catalog_quarantined_rows",
+    "Catalog rows moved to the quarantine table because they did not validate",
+    ["cluster"],
+)
 
 DB_NAME = "catalog.db"
 BATCH_MAX = 1024
@@ -45,6 +61,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "INSERT INTO meta VALUES ('index', '0')",
     ),
     ("CREATE TABLE vips (key TEXT PRIMARY KEY, address TEXT NOT NULL UNIQUE)",),
+    (QUARANTINE_DDL,),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -88,7 +105,8 @@ def workload_record(w: Workload) -> str:
             c.kind.value, c.target, c.interval, c.timeout, c.ttl,
             c.success_threshold, c.failure_threshold, c.deregister_after,
         ]
-    return json.dumps(body, separators=(",", ":"))
+    # allow_nan=False: an infinity written here once made every later read of the row fail
+    return json.dumps(body, separators=(",", ":"), allow_nan=False)
 
 
 class _Interner:
@@ -102,24 +120,91 @@ class _Interner:
 
 
 def parse_record(wid: str, text: str, intern: Callable[[Any], Any]) -> Workload:
-    b = json.loads(text)
+    """A stored row back into a Workload; raises ValueError naming the field that is wrong.
+
+    Checked as strictly as the row is cheap to check (100,000 rows are read at start-up): the
+    types, and numbers finite and in range. Bounds a registration body must meet but an older
+    release did not ask for (16 ports, the check floor) are not applied to what is stored."""
+    try:
+        b = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"body: not JSON ({e})") from None
+    if not isinstance(b, dict):
+        raise ValueError("body: expected an object")
+    service, namespace = b.get("service"), b.get("namespace")
+    if not is_label(service) or not is_label(namespace):
+        raise ValueError("service/namespace: expected DNS labels")
+    ports = b.get("ports")
+    if not isinstance(ports, dict) or not ports or not all(
+        isinstance(k, str) and _int(v, 1, 65535) for k, v in ports.items()
+    ):
+        raise ValueError(f"ports: expected an object of name: port 1-65535, got {ports!r:.80}")
+    for key in ("address", "cluster", "source"):
+        if not isinstance(b.get(key), str):
+            raise ValueError(f"{key}: expected a string")
+    if not _int(b.get("weight"), 0, 1_000_000):
+        raise ValueError(f"weight: expected an integer 0-1000000, got {b.get('weight')!r:.40}")
+    labels = b.get("labels", {})
+    if not isinstance(labels, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+    ):
+        raise ValueError("labels: expected an object of strings")
+    locality = b.get("locality", ("", ""))
+    if not isinstance(locality, list | tuple) or len(locality) != 2 or not all(
+        isinstance(p, str) for p in locality
+    ):
+        raise ValueError("locality: expected [region, zone]")
     check = None
     if "check" in b:
-        k, target, interval, timeout, ttl, st, ft, dereg = b["check"]
-        check = intern(Check(CheckKind(k), target, interval, timeout, ttl, st, ft, dereg))
-    region, zone = b.get("locality", ("", ""))
+        check = intern(_parse_check(b["check"]))
+    region, zone = locality
     return Workload(
         id=wid,
-        service=intern(ServiceKey(sys.intern(b["service"]), sys.intern(b["namespace"]))),
+        service=intern(ServiceKey(sys.intern(service), sys.intern(namespace))),
         address=b["address"],
-        ports={sys.intern(k): v for k, v in b["ports"].items()},
+        ports={sys.intern(k): v for k, v in ports.items()},
         cluster=sys.intern(b["cluster"]),
-        labels=b.get("labels", {}),
+        labels=labels,
         locality=intern(Locality(region, zone)),
         weight=b["weight"],
         check=check,
         source=sys.intern(b["source"]),
     )
+
+
+def _int(v: object, low: int, high: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+
+def _seconds(v: object, field: str, optional: bool = False) -> None:
+    if optional and v is None:
+        return
+    if (
+        isinstance(v, bool)
+        or not isinstance(v, int | float)
+        or not 0 <= v <= MAX_DURATION  # before isfinite: a huge int does not fit a float
+        or not math.isfinite(v)
+    ):
+        raise ValueError(f"check.{field}: expected a finite number of seconds, got {v!r:.40}")
+
+
+def _parse_check(raw: object) -> Check:
+    if not isinstance(raw, list) or len(raw) != 8:
+        raise ValueError("check: expected [kind, target, interval, timeout, ttl, ...] (8 items)")
+    k, target, interval, timeout, ttl, st, ft, dereg = raw
+    try:
+        kind = CheckKind(k)
+    except ValueError:
+        raise ValueError(f"check.kind: expected http, tcp or ttl, got {k!r:.40}") from None
+    if not isinstance(target, str):
+        raise ValueError("check.target: expected a string")
+    _seconds(interval, "interval")
+    _seconds(timeout, "timeout")
+    _seconds(ttl, "ttl")
+    _seconds(dereg, "deregister_after", optional=True)
+    if not _int(st, 1, 1000) or not _int(ft, 1, 1000):
+        raise ValueError("check thresholds: expected integers 1-1000")
+    return Check(kind, target, interval, timeout, ttl, st, ft, dereg)
 
 
 # --- writer thread -------------------------------------------------------------------------
@@ -142,6 +227,7 @@ class EmbeddedCatalog(Catalog):
         cluster: str,
         vip_cidr: str = "127.240.0.0/16",
         synchronous: str = "full",
+        limits: WriteLimits | None = None,
     ) -> None:
         self.cluster = cluster
         self.path = Path(data_dir) / DB_NAME
@@ -149,6 +235,10 @@ class EmbeddedCatalog(Catalog):
         if synchronous not in ("full", "normal"):
             raise ValueError("synchronous must be 'full' or 'normal'")
         self._synchronous = synchronous
+        self.limits = limits or WriteLimits()
+        # A check from a higher layer on every put (the egress listener budget), set by the
+        # appliance once it has what the check needs.
+        self.admission: Admission | None = None
         self._view = MemoryView()
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -156,7 +246,9 @@ class EmbeddedCatalog(Catalog):
         self._used_vips: set[IPAddress] = set()
         self._vip_pending: dict[str, asyncio.Future[IPAddress]] = {}
         self._closed = False
+        self._failed: StoreError | None = None  # the writer thread is gone: why
         self.schema_version_found = 0
+        self.quarantined: list[QuarantinedRow] = []  # every row in the quarantine table
 
     # lifecycle ---------------------------------------------------------------------------
     async def open(self) -> None:
@@ -168,14 +260,19 @@ class EmbeddedCatalog(Catalog):
             target=self._run, args=(ready,), name=f"catalog-writer-{self.cluster}", daemon=True
         )
         self._thread.start()
-        states, index, vips = await ready
+        try:
+            states, index, vips = await ready
+        except asyncio.CancelledError:
+            self._queue.put(None)  # start-up interrupted (SIGTERM): let the thread finish
+            raise
         self._view.load(states, index)
         self._view.vips.update(vips)
         self._used_vips.update(vips.values())
+        QUARANTINED.labels(self.cluster).set(len(self.quarantined))
         log.info(
             "catalog opened",
             extra={"path": str(self.path), "workloads": len(states), "index": index,
-                   "schema_version": SCHEMA_VERSION},
+                   "schema_version": SCHEMA_VERSION, "quarantined": len(self.quarantined)},
         )
 
     async def close(self) -> None:
@@ -187,37 +284,99 @@ class EmbeddedCatalog(Catalog):
         log.info("catalog closed", extra={"path": str(self.path), "index": self._view.index})
 
     def _connect(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        prepare_db(self.path, "catalog")
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={self._synchronous.upper()}")
-        conn.execute("PRAGMA busy_timeout=5000")
+        try:
+            # first: every later statement waits for a lock held elsewhere instead of failing
+            conn.execute("PRAGMA busy_timeout=5000")
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self._synchronous.upper()}")
+        except BaseException:
+            conn.close()
+            raise
         return conn
+
+    def _load(
+        self, conn: sqlite3.Connection
+    ) -> tuple[list[WorkloadState], int, dict[str, IPAddress]]:
+        """Every row that validates; the others move to the quarantine table (one transaction),
+        and a corrupt index is rebuilt from the rows' own indexes."""
+        intern = _Interner()
+        states: list[WorkloadState] = []
+        bad: list[tuple[str, str, str, str]] = []  # table, key, body, reason
+        highest = 0
+        for wid, body, health, output, mod_index in conn.execute(
+            "SELECT id, body, health, output, mod_index FROM workloads"
+        ):
+            if isinstance(mod_index, int):
+                highest = max(highest, mod_index)
+            try:
+                if not isinstance(body, str) or not isinstance(output, str):
+                    raise ValueError("body and output: expected text")
+                try:
+                    h = Health(health)
+                except ValueError:
+                    raise ValueError(f"health: expected passing, critical or unknown, got "
+                                     f"{health!r:.40}") from None
+                states.append(WorkloadState(parse_record(wid, body, intern), h, output))
+            except Exception as e:  # whatever is wrong with a row, it is that row's problem
+                row = {"body": body, "health": health, "output": output, "mod_index": mod_index}
+                bad.append(("workloads", str(wid), json.dumps(row, default=str), str(e)))
+        found = conn.execute("SELECT value FROM meta WHERE key='index'").fetchone()
+        value = found[0] if found else None
+        if isinstance(value, str) and value.isascii() and value.isdigit():
+            index = int(value)
+        else:
+            index = highest
+            bad.append(("meta", "index", json.dumps(value, default=str),
+                        f"index: expected a non-negative integer, got {value!r:.40}; "
+                        f"rebuilt as {highest} from the workloads' own indexes"))
+        vips: dict[str, IPAddress] = {}
+        for key, address in conn.execute("SELECT key, address FROM vips"):
+            try:
+                if not isinstance(address, str):
+                    raise ValueError(f"expected an IP address, got {address!r:.40}")
+                vips[str(key)] = ipaddress.ip_address(address)
+            except ValueError as e:
+                bad.append(("vips", str(key), json.dumps(address, default=str), f"address: {e}"))
+        if bad:
+            with conn:  # isolation_level=None: explicit transaction
+                conn.execute("BEGIN IMMEDIATE")
+                for table, key, body, reason in bad:
+                    quarantine(conn, self.path, table, key, body, reason)
+                    if table == "workloads":
+                        conn.execute("DELETE FROM workloads WHERE id=?", (key,))
+                    elif table == "vips":
+                        conn.execute("DELETE FROM vips WHERE key=?", (key,))
+                    else:
+                        conn.execute(
+                            "INSERT OR REPLACE INTO meta VALUES ('index', ?)", (str(index),)
+                        )
+                conn.execute("COMMIT")
+        self.quarantined = quarantined(conn)
+        return states, index, vips
 
     def _run(self, ready: asyncio.Future[Any]) -> None:
         assert self._loop is not None
+        conn: sqlite3.Connection | None = None
         try:
             conn = self._connect()
             self.schema_version_found = migrate(conn)
-            os.chmod(self.path, 0o600)
-            intern = _Interner()
-            states = [
-                WorkloadState(parse_record(wid, body, intern), Health(health), output)
-                for wid, body, health, output in conn.execute(
-                    "SELECT id, body, health, output FROM workloads"
-                )
-            ]
-            (index,) = conn.execute("SELECT value FROM meta WHERE key='index'").fetchone()
-            vips = {k: ipaddress.ip_address(a) for k, a in conn.execute("SELECT * FROM vips")}
-        except (sqlite3.Error, ValueError, KeyError, TypeError) as e:
-            err = StoreError(f"cannot open catalog {self.path}: {e}")
-            self._loop.call_soon_threadsafe(_settle, ready, None, err)
-            return
+            states, index, vips = self._load(conn)
         except StoreError as e:
             self._loop.call_soon_threadsafe(_settle, ready, None, e)
+        except Exception as e:  # whatever it is, start-up must hear of it
+            err = StoreError(f"cannot open catalog {self.path}: {e}")
+            self._loop.call_soon_threadsafe(_settle, ready, None, err)
+        else:
+            self._loop.call_soon_threadsafe(_settle, ready, (states, index, vips), None)
+            self._serve_writes(conn, index)
             return
-        self._loop.call_soon_threadsafe(_settle, ready, (states, int(index), vips), None)
-        next_index = int(index)
+        if conn is not None:
+            conn.close()
+
+    def _serve_writes(self, conn: sqlite3.Connection, next_index: int) -> None:
+        assert self._loop is not None
         try:
             while True:
                 op = self._queue.get()
@@ -234,10 +393,17 @@ class EmbeddedCatalog(Catalog):
                         stop = True
                         break
                     batch.append(more)
-                next_index = self._commit(conn, batch, next_index)
+                next_index = self._commit_isolated(conn, batch, next_index)
                 if stop:
                     break
+        except BaseException as e:
+            # Not a failed write (those fail alone): the thread itself cannot go on. Every
+            # pending and later write fails with this instead of waiting for an answer.
+            self._failed = StoreError(f"catalog writer failed, writes are refused: {e!r}")
+            log.critical("catalog writer failed", extra={"path": str(self.path),
+                                                         "error": repr(e)})
         finally:
+            error = self._failed or StoreError("catalog is closed")
             # Anything still queued after close gets an error rather than hanging forever.
             while True:
                 try:
@@ -245,13 +411,33 @@ class EmbeddedCatalog(Catalog):
                 except queue.Empty:
                     break
                 if op is not None:
-                    self._loop.call_soon_threadsafe(
-                        _settle, op.future, None, StoreError("catalog is closed")
-                    )
+                    self._loop.call_soon_threadsafe(_settle, op.future, None, error)
             try:
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as e:
+                log.warning("catalog checkpoint failed", extra={"error": str(e)})
             finally:
                 conn.close()
+
+    def _commit_isolated(self, conn: sqlite3.Connection, batch: list[_Op], next_index: int) -> int:
+        """Commit `batch`; an op the store cannot write (an error other than SQLite's own)
+        fails alone, with its key named: the batch is retried one op at a time."""
+        try:
+            return self._commit(conn, batch, next_index)
+        except Exception as e:  # sqlite3.Error is handled inside _commit
+            if not conn.in_transaction:
+                raise  # after the commit (the loop is gone): not one op's fault, see _serve_writes
+            conn.execute("ROLLBACK")
+            if len(batch) > 1:
+                for op in batch:
+                    next_index = self._commit_isolated(conn, [op], next_index)
+                return next_index
+            op = batch[0]
+            log.error("catalog write failed", extra={"op": op.kind, "key": op.key,
+                                                     "error": repr(e)})
+            err = StoreError(f"catalog write of {op.kind} {op.key!r} failed: {e!r}")
+            self._loop.call_soon_threadsafe(_settle, op.future, None, err)  # type: ignore[union-attr]
+            return next_index
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_Op], next_index: int) -> int:
         start = next_index
@@ -309,26 +495,41 @@ class EmbeddedCatalog(Catalog):
             _settle(op.future, op.applied, None)
 
     def _submit(self, kind: str, key: str, payload: Any) -> asyncio.Future[Any]:
+        if self._failed is not None:
+            raise self._failed
         if self._closed or self._loop is None:
             raise StoreError("catalog is closed")
         fut = self._loop.create_future()
         self._queue.put(_Op(kind, key, payload, fut))
+        if self._failed is not None:  # the writer failed between the check and the put
+            _settle(fut, None, self._failed)
         return fut
 
     # writes --------------------------------------------------------------------------------
     async def put(self, workload: Workload) -> WorkloadState:
         old = self._view.by_id.get(workload.id)
-        if old is not None and old.workload.check == workload.check:
-            state = WorkloadState(workload, old.health, old.output)
-        else:
-            state = WorkloadState(
-                workload, Health.PASSING if workload.check is None else Health.UNKNOWN
-            )
-        vip = self._vip_future(str(workload.service))
-        put = self._submit("put", workload.id, state)
-        await vip
-        await put
-        return state
+        release = self._admit(workload, old)
+        try:
+            if old is not None and old.workload.check == workload.check:
+                state = WorkloadState(workload, old.health, old.output)
+            else:
+                state = WorkloadState(
+                    workload, Health.PASSING if workload.check is None else Health.UNKNOWN
+                )
+            vip = self._vip_future(str(workload.service))
+            put = self._submit("put", workload.id, state)
+            await vip
+            await put
+            return state
+        finally:
+            release()
+
+    def _admit(self, workload: Workload, old: WorkloadState | None) -> Callable[[], None]:
+        """The write limits, then the admission check: raise before anything is queued."""
+        self.limits.check(workload)
+        if self.admission is None:
+            return _nothing
+        return self.admission(workload, None if old is None else old.workload)
 
     async def delete(self, workload_id: str) -> None:
         self._view.get(workload_id)
@@ -414,6 +615,10 @@ class EmbeddedCatalog(Catalog):
 
     def subscribe(self, listener: ChangeListener) -> Callable[[], None]:
         return self._view.subscribe(listener)
+
+
+def _nothing() -> None:
+    pass
 
 
 def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

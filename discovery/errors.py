@@ -30,6 +30,10 @@ class Conflict(DiscoveryError):
     pass
 
 
+class LimitExceeded(Conflict):
+    """A valid write that would take the appliance past a configured limit (409)."""
+
+
 class StoreError(DiscoveryError):
     """The backing store failed (disk full, corrupt file, Consul unreachable)."""
 

@@ -3,6 +3,12 @@
 One scheduler task and a heap of due times rather than a task per workload: 100,000
 workloads cost 100,000 small heap entries, not 100,000 coroutines. First checks are spread
 with jitter over the interval so a restart does not fire them all at once.
+
+Two bounds keep checking from becoming a probe flood (20 workloads at `interval: 1ms` once sent
+8,679 probes a second to one target): no check runs more often than `min_interval` (stored
+checks faster than that, from before the floor, run at the floor), and probes across every
+workload start at most `max_per_second` a second (a token bucket; checks that find it empty
+run late, like checks that find every concurrency slot taken).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from prometheus_client import Counter
 
 from discovery.catalog import Catalog
 from discovery.errors import DiscoveryError, InvalidInput, NotFound
+from discovery.limits import DEFAULT_MIN_CHECK_INTERVAL
 from discovery.model import Check, CheckKind, Health, WorkloadState
 from discovery.probes import ProbeResult, probe_http, probe_tcp
 
@@ -43,6 +50,28 @@ def _count(kind: str, ok: bool) -> None:
 
 # A newly registered workload is checked within this long, not a whole interval later.
 NEW_WORKLOAD_DELAY = 0.5
+# Probes started per second across all workloads: 10,000 workloads at the default 10 s
+# interval, about a quarter of a core (docs/configuration.md).
+DEFAULT_MAX_PROBES_PER_SECOND = 1000
+
+
+class _Bucket:
+    """Token bucket: `rate` tokens a second, at most `burst` saved up."""
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = float(burst)
+        self.stamp = now
+
+    def take(self, now: float) -> float:
+        """0 when a token was taken, else the seconds until one is due."""
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
 
 
 @dataclass(slots=True)
@@ -64,11 +93,20 @@ class HealthChecker:
         catalog: Catalog,
         *,
         max_concurrent: int = 1024,
+        min_interval: float = DEFAULT_MIN_CHECK_INTERVAL,
+        max_per_second: float = DEFAULT_MAX_PROBES_PER_SECOND,
         rng: random.Random | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
+        if min_interval <= 0 or max_per_second <= 0:
+            raise ValueError("min_interval and max_per_second must be positive")
         self.catalog = catalog
         self._max_concurrent = max_concurrent
+        self.min_interval = min_interval
+        self.max_per_second = max_per_second
+        # a twentieth of a second's worth: a restart's first checks cannot all go at once
+        self.probe_burst = max(1, int(max_per_second / 20))
+        self._bucket: _Bucket | None = None
         self._inflight = 0
         self._rng = rng or random.Random()
         self._clock = clock
@@ -88,6 +126,7 @@ class HealthChecker:
 
     async def start(self) -> None:
         now = self._now()
+        self._bucket = _Bucket(self.max_per_second, self.probe_burst, now)
         for st in self.catalog.workloads():
             self._track(st, now, spread=True)
         self._unsubscribe = self.catalog.subscribe(self._on_change)
@@ -129,11 +168,15 @@ class HealthChecker:
             t.critical_since = now
         self._tracked[st.workload.id] = t
         if check.kind is CheckKind.TTL:
-            t.ttl_deadline = now + check.ttl
+            t.ttl_deadline = now + self._floor(check.ttl)
             self._schedule(t.ttl_deadline, st.workload.id, t)
         else:
-            window = check.interval if spread else min(check.interval, NEW_WORKLOAD_DELAY)
+            interval = self._floor(check.interval)
+            window = interval if spread else min(interval, NEW_WORKLOAD_DELAY)
             self._schedule(now + self._rng.uniform(0, window), st.workload.id, t)
+
+    def _floor(self, seconds: float) -> float:
+        return max(seconds, self.min_interval)
 
     def _schedule(self, due: float, workload_id: str, t: _Tracked) -> None:
         self._seq += 1
@@ -152,7 +195,7 @@ class HealthChecker:
                 f"workload {workload_id!r} has no TTL check; heartbeats apply to TTL checks only",
                 field="check",
             )
-        t.ttl_deadline = self._now() + check.ttl
+        t.ttl_deadline = self._now() + self._floor(check.ttl)
         self._schedule(t.ttl_deadline, workload_id, t)
         _count("ttl", True)
         await self._record(workload_id, t, ProbeResult(True, "TTL heartbeat received"))
@@ -160,29 +203,41 @@ class HealthChecker:
 
     # the scheduler ------------------------------------------------------------------------------
     async def _run(self) -> None:
+        assert self._bucket is not None
         while True:
             self._wake.clear()
             now = self._now()
+            rate_wait = None  # the probe rate is spent: seconds until the next token
             while self._heap and self._heap[0][0] <= now:
                 if self._inflight >= self._max_concurrent:
                     # Back-pressure: probes start only as slots free up, so a loop that falls
                     # behind runs checks late instead of piling up thousands of waiting tasks.
                     break
-                _, _, wid, gen = heapq.heappop(self._heap)
+                _, _, wid, gen = self._heap[0]
                 t = self._tracked.get(wid)
                 if t is None or t.generation != gen:
+                    heapq.heappop(self._heap)
                     continue  # deregistered or re-registered with another check
                 if t.check.kind is CheckKind.TTL:
+                    heapq.heappop(self._heap)
                     if t.ttl_deadline <= now:
                         self._spawn(self._ttl_expired(wid, t))
                     continue
                 if t.running:  # previous probe still in flight: try again next interval
-                    self._schedule(now + t.check.interval, wid, t)
+                    heapq.heappop(self._heap)
+                    self._schedule(now + self._floor(t.check.interval), wid, t)
                     continue
+                wait = self._bucket.take(now)
+                if wait > 0:
+                    rate_wait = wait
+                    break
+                heapq.heappop(self._heap)
                 t.running = True
                 self._inflight += 1
                 self._spawn(self._probe(wid, t))
-            if self._heap and self._inflight >= self._max_concurrent:
+            if rate_wait is not None:
+                timeout: float | None = rate_wait
+            elif self._heap and self._inflight >= self._max_concurrent:
                 timeout = None  # a finishing probe wakes us
             else:
                 timeout = self._heap[0][0] - now if self._heap else None
@@ -215,14 +270,15 @@ class HealthChecker:
         finally:
             t.running = False
         if self._tracked.get(wid) is t:
-            self._schedule(started + check.interval, wid, t)
+            self._schedule(started + self._floor(check.interval), wid, t)
 
     async def _ttl_expired(self, wid: str, t: _Tracked) -> None:
         _count("ttl", False)
         await self._record(wid, t, ProbeResult(False, f"TTL of {t.check.ttl:g}s expired"))
         if self._tracked.get(wid) is t and t.check.deregister_after is not None:
             # Keep an expiry entry queued so deregister_after is honoured without heartbeats.
-            self._schedule(self._now() + min(t.check.ttl, t.check.deregister_after), wid, t)
+            again = self._floor(min(t.check.ttl, t.check.deregister_after))
+            self._schedule(self._now() + again, wid, t)
             t.ttl_deadline = self._now()
 
     async def _record(self, wid: str, t: _Tracked, result: ProbeResult) -> None:

@@ -30,7 +30,14 @@ from discovery.model import Check, CheckKind, Locality, Workload, format_duratio
 from discovery.names import DEFAULT_NAMESPACE, LABEL_EXPECTED, ServiceKey, is_label
 
 MAX_LABELS = 64
-MAX_PORTS = 64
+# Each service port costs every egress one listener (one file descriptor) per VIP.
+MAX_PORTS = 16
+MAX_URL = 2048
+# Ceilings per duration field (docs/catalog.md): beyond these a value is a typo, not a plan.
+MAX_CHECK_INTERVAL = 24 * 3600.0
+MAX_CHECK_TIMEOUT = 300.0
+MAX_CHECK_TTL = 7 * 86400.0
+MAX_DEREGISTER_AFTER = 30 * 86400.0
 
 
 def _label(value: object) -> object:
@@ -39,11 +46,14 @@ def _label(value: object) -> object:
     return value
 
 
-def _duration(value: object) -> float:
-    seconds = parse_duration(value)
-    if seconds <= 0:
-        raise ValueError("expected a positive duration")
-    return seconds
+def _duration_at_most(maximum: float) -> BeforeValidator:
+    def check(value: object) -> float:
+        seconds = parse_duration(value, maximum)
+        if seconds <= 0:
+            raise ValueError("expected a positive duration")
+        return seconds
+
+    return BeforeValidator(check)
 
 
 def _host(value: str) -> str:
@@ -75,12 +85,13 @@ def _host_port(value: object) -> str:
 
 
 Label = Annotated[StrictStr, BeforeValidator(_label)]
-# Parsed to seconds; written back as a duration string, the form the API takes.
-Duration = Annotated[
-    float,
-    BeforeValidator(_duration),
-    PlainSerializer(format_duration, return_type=str, when_used="json"),
-]
+# Parsed to seconds (each with its ceiling); written back as a duration string, the form the
+# API takes.
+_AS_DURATION = PlainSerializer(format_duration, return_type=str, when_used="json")
+Interval = Annotated[float, _duration_at_most(MAX_CHECK_INTERVAL), _AS_DURATION]
+Timeout = Annotated[float, _duration_at_most(MAX_CHECK_TIMEOUT), _AS_DURATION]
+Ttl = Annotated[float, _duration_at_most(MAX_CHECK_TTL), _AS_DURATION]
+DeregisterAfter = Annotated[float, _duration_at_most(MAX_DEREGISTER_AFTER), _AS_DURATION]
 Port = Annotated[StrictInt, Field(ge=1, le=65535)]
 LabelKey = Annotated[StrictStr, Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9._/-]+$")]
 
@@ -95,14 +106,14 @@ class LocalitySpec(_Strict):
 
 
 class CheckSpec(_Strict):
-    http: StrictStr | None = None
+    http: Annotated[StrictStr, Field(max_length=MAX_URL)] | None = None
     tcp: StrictStr | None = None
-    ttl: Duration | None = None
-    interval: Duration = 10.0
-    timeout: Duration = 2.0
+    ttl: Ttl | None = None
+    interval: Interval = 10.0
+    timeout: Timeout = 2.0
     success_threshold: Annotated[StrictInt, Field(ge=1, le=100)] = 1
     failure_threshold: Annotated[StrictInt, Field(ge=1, le=100)] = 1
-    deregister_after: Duration | None = None
+    deregister_after: DeregisterAfter | None = None
 
     @field_validator("http")
     @classmethod

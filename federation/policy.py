@@ -2,6 +2,10 @@
 
 A policy is `weights` per cluster plus `failover`. Deleting one writes a tombstone (weights
 None) with its own stamp, so a reset replicates and converges exactly like a set.
+
+Stored in `data_dir/federation.db`; a row that does not parse is moved to its `quarantine`
+table at start-up and reported (a replicated policy comes back from the peers anyway), and a
+truncated file is refused rather than read as "no policies".
 """
 
 from __future__ import annotations
@@ -15,14 +19,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import Gauge
+
 from discovery.errors import InvalidInput, StoreError
 from discovery.names import LABEL_EXPECTED, ServiceKey, is_label
+from discovery.statefiles import QUARANTINE_DDL, QuarantinedRow, prepare_db, quarantine, quarantined
 from federation.hlc import ClockDriftError, HybridClock, Stamp
 
 log = logging.getLogger(__name__)
 
 MAX_WEIGHT = 1_000_000
 MAX_CLUSTERS = 256
+
+QUARANTINED = Gauge(
+    "isthmus_federation_quarantined_rows",
+    "federation.db rows moved to the quarantine table because they did not validate",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +110,31 @@ def validate_weights(raw: object, known: Iterable[str] | None) -> dict[str, int]
 Listener = Callable[[TrafficPolicy], None]
 
 
+def _policy_from_row(service: object, weights: object, failover: object, stamp: object
+                     ) -> TrafficPolicy:
+    """A stored row back into a policy; raises ValueError naming the column that is wrong."""
+    if not isinstance(service, str):
+        raise ValueError(f"service: expected NAME.NAMESPACE, got {service!r:.60}")
+    try:
+        key = ServiceKey.parse(service)
+    except ValueError as e:
+        raise ValueError(f"service: {e}") from None
+    parsed = None
+    if weights is not None:
+        try:
+            parsed = validate_weights(json.loads(weights) if isinstance(weights, str) else None,
+                                      known=None)
+        except (ValueError, InvalidInput) as e:
+            raise ValueError(f"weights: {e}") from None
+    if failover not in (0, 1) or isinstance(failover, float):
+        raise ValueError(f"failover: expected 0 or 1, got {failover!r:.40}")
+    try:
+        version = Stamp.parse(stamp)
+    except ValueError as e:
+        raise ValueError(f"stamp: {e}") from None
+    return TrafficPolicy(key, parsed, bool(failover), version)
+
+
 class PolicyStore:
     """Policies in memory, persisted in `data_dir/federation.db`."""
 
@@ -108,33 +145,56 @@ class PolicyStore:
         self._listeners: list[Listener] = []
         self._conn: sqlite3.Connection | None = None
         self._lock = asyncio.Lock()
+        self.quarantined: list[QuarantinedRow] = []  # every row in the quarantine table
 
     async def open(self) -> None:
-        def load() -> tuple[sqlite3.Connection, list[tuple[str, str | None, int, str]]]:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        def load() -> tuple[sqlite3.Connection, list[TrafficPolicy]]:
+            prepare_db(self.path, "federation store")
             conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS policies (service TEXT PRIMARY KEY, "
-                "weights TEXT, failover INTEGER NOT NULL, stamp TEXT NOT NULL)"
-            )
-            self.path.chmod(0o600)
-            return conn, list(conn.execute("SELECT * FROM policies"))
+            try:
+                conn.execute("PRAGMA busy_timeout=5000")
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS policies (service TEXT PRIMARY KEY, "
+                    "weights TEXT, failover INTEGER NOT NULL, stamp TEXT NOT NULL)"
+                )
+                conn.execute(QUARANTINE_DDL)
+                return conn, self._load(conn)
+            except BaseException:
+                conn.close()
+                raise
 
         try:
-            self._conn, rows = await asyncio.to_thread(load)
+            self._conn, policies = await asyncio.to_thread(load)
         except (sqlite3.Error, OSError) as e:
             raise StoreError(f"cannot open {self.path}: {e}") from None
-        for service, weights, failover, stamp in rows:
-            p = TrafficPolicy(
-                ServiceKey.parse(service),
-                None if weights is None else json.loads(weights),
-                bool(failover),
-                Stamp.parse(stamp),
-            )
+        for p in policies:
             self._policies[p.service] = p
             self.clock.advance(p.stamp)  # our own history: never issue an older stamp
+        QUARANTINED.set(len(self.quarantined))
+
+    def _load(self, conn: sqlite3.Connection) -> list[TrafficPolicy]:
+        good, bad = [], []
+        for row in conn.execute("SELECT service, weights, failover, stamp FROM policies"):
+            try:
+                good.append(_policy_from_row(*row))
+            except Exception as e:  # whatever is wrong with a row, it is that row's problem
+                bad.append((row, str(e)))
+        if bad:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for row, reason in bad:
+                    body = json.dumps(dict(zip(("service", "weights", "failover", "stamp"),
+                                               row, strict=True)), default=str)
+                    quarantine(conn, self.path, "policies", str(row[0]), body, reason)
+                    conn.execute("DELETE FROM policies WHERE service IS ?", (row[0],))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        self.quarantined = quarantined(conn)
+        return good
 
     async def close(self) -> None:
         if self._conn is not None:

@@ -14,6 +14,11 @@ An L4 connection learns its service from its local address (`table.by_vip`), the
 A failed connect is reported to the balancer (outlier detection) and the next attempt avoids
 the targets already tried. An L7 listener is served by `http.HttpProxy`.
 
+Listeners are file descriptors: the egress opens at most `max_listeners` of them (by default a
+quarter of the open-file limit, `budget.listener_budget`); what the table wants beyond that is
+left out, logged once per change, counted in `isthmus_egress_listeners_skipped` and shown in
+`GET /v1/status`, so no catalog content can take the process's descriptors.
+
 Remote gateways are probed (`probe.GatewayProber`), so a dead ingress leaves the balancer's
 choices before clients hit it. VIP listeners bind with IP_FREEBIND: a VIP range routed to the
 node (`ip route add local <vip_cidr> dev lo`) needs no address on an interface, and the
@@ -36,6 +41,7 @@ from aiohttp import web
 from federation.routing import IPAddress, RoutingTable, TableHolder
 from federation.trust.credentials import TlsCredentials
 from gateway.balancer import Balancer, Choice, FailureKind, Target
+from gateway.budget import BUDGET, LISTENERS, SKIPPED, listener_budget
 from gateway.errors import ConnectFailed, RoutingError
 from gateway.h1proxy import FastServer
 from gateway.http import HttpConfig, HttpProxy
@@ -47,7 +53,7 @@ from gateway.sni import service_sni
 from gateway.tlsclient import ClientContexts
 from gateway.tunnel import MuxConfig
 from gateway.tunnelclient import TunnelClient
-from gateway.vips import ListenerSpec, Mode, Resolved, resolve, wanted_listeners
+from gateway.vips import ListenerSpec, Mode, Resolved, fit_budget, resolve, wanted_listeners
 
 __all__ = ["Egress", "EgressConfig"]
 
@@ -76,6 +82,7 @@ class EgressConfig:
     drain: float = 5.0  # seconds a removed listener's connections get to finish
     buffer_size: int = 1 << 20  # SO_RCVBUF/SO_SNDBUF of upstream sockets; 0 = kernel default
     multiplex: bool = True  # remote clusters through multiplexed tunnels (else one TLS each)
+    max_listeners: int | None = None  # VIP listeners at most; None: a quarter of RLIMIT_NOFILE
     mux: MuxConfig = field(default_factory=MuxConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
@@ -86,6 +93,8 @@ class EgressConfig:
         ipaddress.ip_network(self.vip_cidr)  # raises ValueError naming the bad value
         if self.connect_attempts < 1 or self.max_connections < 1:
             raise ValueError("connect_attempts and max_connections must be >= 1")
+        if self.max_listeners is not None and self.max_listeners < 1:
+            raise ValueError("max_listeners must be >= 1")
 
 
 @dataclass(eq=False)
@@ -129,6 +138,8 @@ class Egress:
             tunnels=self.tunnels if config.multiplex else None,
         )
         self._listeners: dict[tuple[IPAddress, int], _Listener] = {}
+        self.budget = listener_budget(config.max_listeners)
+        self.skipped: list[ListenerSpec] = []  # wanted by the table, left out by the budget
         self._retiring: set[asyncio.Task[None]] = set()
         self._relays: set[ProtocolRelay | SpliceRelay] = set()
         self._unsubscribe: Callable[[], None] | None = None
@@ -147,6 +158,14 @@ class Egress:
     @property
     def connections(self) -> int:
         return self._connections
+
+    def report(self) -> dict[str, int]:
+        """The listener budget as `GET /v1/status` shows it."""
+        return {
+            "budget": self.budget,
+            "open": len(self._listeners),
+            "skipped": len(self.skipped),
+        }
 
     async def start(self) -> None:
         """Open the listeners of the current table and follow every later one."""
@@ -188,20 +207,28 @@ class Egress:
         wanted, problems = wanted_listeners(table, self._cidr, self.config.http_at_l7)
         for problem in problems:
             log.warning("egress cannot listen", extra={"problem": problem})
+        wanted, skipped = fit_budget(
+            wanted, {k: lst.spec for k, lst in self._listeners.items()}, self.budget
+        )
         for key in [k for k, lst in self._listeners.items() if wanted.get(k) != lst.spec]:
             lst = self._listeners.pop(key)
             task = asyncio.create_task(self._retire(lst, self.config.drain))
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
+        failed: list[tuple[str, str]] = []
         for key, spec in wanted.items():
             if key not in self._listeners:
                 try:
                     self._listeners[key] = await self._open(spec)
                 except OSError as exc:
-                    log.error(
-                        "egress listen failed",
-                        extra={"address": spec.address, "error": repr(exc)},
-                    )
+                    failed.append((spec.address, repr(exc)))
+        if failed:  # one line, however many: a busy range must not flood the log
+            log.error(
+                "egress listen failed",
+                extra={"count": len(failed), "address": failed[0][0], "error": failed[0][1],
+                       "addresses": [a for a, _ in failed[:10]]},
+            )
+        self._report_budget(skipped)
         self.balancer.retain(Balancer.targets_of(list(table.services.values())))
         gateways = {
             g for r in table.services.values() for d in r.destinations if not d.local
@@ -210,6 +237,24 @@ class Egress:
         self.pool.retain(gateways)
         self.tunnels.retain(gateways)
         self.prober.update(table)
+
+    def _report_budget(self, skipped: list[ListenerSpec]) -> None:
+        cluster = self.source_cluster
+        if len(skipped) != len(self.skipped):
+            if skipped:
+                log.warning(
+                    "egress listener budget exhausted",
+                    extra={"budget": self.budget, "open": len(self._listeners),
+                           "skipped": len(skipped), "first_skipped": skipped[0].address,
+                           "key": "egress.max_listeners"},
+                )
+            else:
+                log.info("egress listener budget: every wanted listener is open",
+                         extra={"budget": self.budget, "open": len(self._listeners)})
+        self.skipped = skipped
+        BUDGET.labels(cluster).set(self.budget)
+        LISTENERS.labels(cluster).set(len(self._listeners))
+        SKIPPED.labels(cluster).set(len(skipped))
 
     async def _open(self, spec: ListenerSpec) -> _Listener:
         family = socket.AF_INET6 if spec.vip.version == 6 else socket.AF_INET

@@ -2,7 +2,15 @@
 
 Sans-IO: a routing table in, listener specs and resolved destinations out. The egress listens on
 every `VIP:port` of every service (and on each cluster VIP, which routes to one cluster only),
-inside `egress.vip_cidr`. Ports named `http`, `http-*`, `http2*` or `grpc*` are handled at L7
+inside `egress.vip_cidr`. That is one listener per VIP port, and each service has 1 + N VIPs
+(N clusters serve it): `name.ns.global` and `name.ns.<cluster>.global` are different addresses,
+and a connection's destination address is all the egress learns of which one the client meant,
+so neither can share the other's listener.
+
+Every listener is a file descriptor, so the egress opens at most a budget of them
+(`fit_budget`): those already open first, then the rest in address order.
+
+Ports named `http`, `http-*`, `http2*` or `grpc*` are handled at L7
 (DESIGN §3); `http2`/`grpc` need HTTP/2, which the L7 proxy does not speak, so they are relayed
 at L4 unless `http2_at_l7` is set — everything else is relayed at L4.
 """
@@ -16,7 +24,15 @@ from dataclasses import dataclass
 from discovery.names import ServiceKey
 from federation.routing import IPAddress, RoutingTable, ServiceRoute
 
-__all__ = ["ListenerSpec", "Mode", "Resolved", "port_mode", "resolve", "wanted_listeners"]
+__all__ = [
+    "ListenerSpec",
+    "Mode",
+    "Resolved",
+    "fit_budget",
+    "port_mode",
+    "resolve",
+    "wanted_listeners",
+]
 
 
 class Mode(enum.StrEnum):
@@ -77,6 +93,29 @@ def wanted_listeners(
                 continue
             wanted[key] = ListenerSpec(vip, port, mode)
     return wanted, problems
+
+
+Key = tuple[IPAddress, int]
+
+
+def fit_budget(
+    wanted: dict[Key, ListenerSpec], open_now: dict[Key, ListenerSpec], budget: int
+) -> tuple[dict[Key, ListenerSpec], list[ListenerSpec]]:
+    """At most `budget` of the wanted listeners, and the ones left out. Listeners open now and
+    still wanted unchanged stay (a table change never moves traffic off a working listener);
+    the rest are taken in address order, so whole VIPs are served rather than a few ports of
+    each, and the same catalog gives the same choice on every start."""
+    kept = {k: s for k, s in wanted.items() if open_now.get(k) == s}
+    chosen = dict(list(kept.items())[:budget])
+    skipped: list[ListenerSpec] = []
+    for key in sorted(wanted, key=lambda k: (k[0].version, int(k[0]), k[1])):
+        if key in chosen:
+            continue
+        if len(chosen) < budget:
+            chosen[key] = wanted[key]
+        else:
+            skipped.append(wanted[key])
+    return chosen, skipped
 
 
 def resolve(table: RoutingTable, address: str, port: int) -> Resolved | None:

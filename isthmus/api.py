@@ -61,6 +61,8 @@ class ApiContext:
     bootstrap_tokens: BootstrapTokens | None = None
     agents: AgentHub | None = None
     services_cache: tuple[tuple[int, int], list[dict[str, Any]]] | None = None
+    # more for GET /v1/status (limits in force, quarantined store rows), merged in by key
+    reports: Callable[[], dict[str, Any]] | None = None
     services_body: tuple[list[dict[str, Any]], str] | None = None
 
 
@@ -395,6 +397,9 @@ async def status(request: web.Request) -> web.Response:
             str(ctx.federation.credentials.spiffe_id) if ctx.federation.credentials else None
         )
     out["agents"] = ctx.agents.agents() if ctx.agents is not None else []
+    if ctx.reports is not None:
+        for key, value in ctx.reports().items():
+            out[key] = {**out[key], **value} if isinstance(out.get(key), dict) else value
     return json_response(out, index=ctx.catalog.index)
 
 

@@ -16,9 +16,11 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from discovery.catalog import Catalog
 from discovery.embedded import EmbeddedCatalog
-from discovery.errors import DiscoveryError
+from discovery.errors import DiscoveryError, InvalidInput, LimitExceeded
 from discovery.health import HealthChecker
+from discovery.limits import WriteLimits
 from discovery.model import Locality
+from discovery.statefiles import secure_dir
 from dns.errors import DnsError
 from dns.server import DnsServer
 from federation.agentlink import AgentHub, AgentLink
@@ -26,6 +28,7 @@ from federation.routing import TableHolder
 from federation.service import Federation
 from federation.trust import BootstrapTokens, IdentityIssuer, TrustError, issuance_app
 from federation.trust.spiffe import Kind
+from gateway.budget import ListenerAdmission, listener_budget, open_file_limit, raise_nofile_limit
 from gateway.egress import Egress, EgressConfig
 from gateway.ingress import Ingress
 from gateway.tunnel import MuxConfig
@@ -35,7 +38,7 @@ from isthmus import logs
 from isthmus.agentapi import AgentContext, make_agent_app
 from isthmus.api import ApiContext, make_app
 from isthmus.auth import TokenFileError, TokenRegistry, ensure_admin_token, read_token
-from isthmus.config import Config, ConfigError, split_host_port
+from isthmus.config import Config, ConfigError, exposed_listeners, split_host_port
 from isthmus.datadir import DataDirBusy, DataDirLock
 from isthmus.identity import (
     IdentityError,
@@ -81,6 +84,8 @@ class Appliance:
         self.agent_hub: AgentHub | None = None
         self.bootstrap_tokens: BootstrapTokens | None = None
         self.control_address: tuple[str, int] | None = None
+        self.listener_budget = listener_budget(config.egress.max_listeners)
+        self.listener_admission: ListenerAdmission | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.builtin_default = builtin_default  # may create its own PKI under data_dir
         self.tokens = TokenRegistry()
@@ -111,15 +116,31 @@ class Appliance:
         data_dir = Path(cfg.data_dir)
         self._load_tokens()
         self._load_trust()
-        catalog = EmbeddedCatalog(data_dir, cfg.cluster, cfg.egress.vip_cidr)
+        catalog = EmbeddedCatalog(
+            data_dir, cfg.cluster, cfg.egress.vip_cidr,
+            limits=WriteLimits(min_check_interval=cfg.discovery.min_check_interval),
+        )
         try:
             await catalog.open()
         except DiscoveryError as e:
             raise StartupError(str(e)) from None
         self.catalog = catalog
         CATALOGS.catalogs.add(catalog)
+        # The egress listens on every VIP port the catalog asks for: with the egress role here,
+        # a registration that would not fit this node's listener budget is refused (409)
+        # before it is written. Counted on every node, for GET /v1/status.
+        self.listener_admission = ListenerAdmission(
+            self.listener_budget, cfg.cluster, catalog, self.holder
+        )
+        if "egress" in roles:
+            catalog.admission = self.listener_admission.admit
         await self._sync_static_workloads()
-        self.checker = HealthChecker(catalog, max_concurrent=cfg.discovery.max_concurrent_checks)
+        self.checker = HealthChecker(
+            catalog,
+            max_concurrent=cfg.discovery.max_concurrent_checks,
+            min_interval=cfg.discovery.min_check_interval,
+            max_per_second=cfg.discovery.max_checks_per_second,
+        )
         await self.checker.start()
         public = cfg.ingress.public_address
         if public is None and "ingress" in roles:
@@ -154,6 +175,7 @@ class Appliance:
             holder=self.holder,
             federation=self.federation,
             bootstrap_tokens=self.bootstrap_tokens,
+            reports=self.reports,
         )
         self.api_address = await self._serve(
             make_app(ctx, cfg.api.max_body), cfg.api.listen, limits=api_limits(cfg.api)
@@ -203,6 +225,7 @@ class Appliance:
             self._tasks.append(asyncio.create_task(self.trust.manager.run(), name="identity"))
         if cfg.monitor.enabled:
             self._start_monitor()
+        self._warn_exposed()
         log.info(
             "appliance started",
             extra={
@@ -266,6 +289,7 @@ class Appliance:
         if cfg.metrics.enabled:
             self.metrics_address = await self._serve(metrics_app(), cfg.metrics.listen)
         self._tasks.append(asyncio.create_task(self.trust.manager.run(), name="identity"))
+        self._warn_exposed()
         log.info(
             "agent started",
             extra={
@@ -279,7 +303,7 @@ class Appliance:
     def _lock_data_dir(self) -> None:
         data_dir = Path(self.config.data_dir)
         try:
-            data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            secure_dir(data_dir)
             lock = DataDirLock(data_dir)
             lock.acquire()
         except DataDirBusy as e:
@@ -309,6 +333,7 @@ class Appliance:
             reuse_port=cfg.workers > 1,
             multiplex=cfg.egress.multiplex,
             mux=MuxConfig(connections=cfg.egress.tunnel_connections),
+            max_listeners=self.listener_budget,
         )
         if cfg.workers == 1:
             self.egress = Egress(
@@ -380,6 +405,33 @@ class Appliance:
         self._runners.append(runner)
         return address
 
+    def _warn_exposed(self) -> None:
+        exposed = exposed_listeners(self.config)
+        if exposed:
+            log.warning(
+                "listening beyond loopback",
+                extra={"listeners": dict(exposed),
+                       "hint": "set each *.listen to 127.0.0.1 unless it must be reachable"},
+            )
+
+    def reports(self) -> dict[str, Any]:
+        """What `GET /v1/status` adds: limits in force and what the stores quarantined."""
+        egress: dict[str, Any] = {"budget": self.listener_budget}
+        if self.listener_admission is not None:
+            egress.update(self.listener_admission.report())
+        if self.egress is not None:
+            egress.update(self.egress.report())
+        out: dict[str, Any] = {
+            "limits": {"open_files": open_file_limit(), "egress_listeners": egress},
+        }
+        if isinstance(self.catalog, EmbeddedCatalog):
+            out["catalog"] = {"quarantined": [r.to_json() for r in self.catalog.quarantined]}
+        if self.federation is not None:
+            out["policy_store"] = {
+                "quarantined": [r.to_json() for r in self.federation.policies.quarantined]
+            }
+        return out
+
     def _start_monitor(self) -> None:
         import aiomonitor
 
@@ -411,7 +463,11 @@ class Appliance:
             except DiscoveryError:
                 current = None
             if current != w:
-                await self.catalog.put(w)
+                try:
+                    await self.catalog.put(w)
+                except (InvalidInput, LimitExceeded) as e:  # a limit: serve the rest
+                    log.error("static workload refused", extra={"workload": wid,
+                                                                "error": str(e)})
 
     # reload and stop ------------------------------------------------------------------------------
     async def reload(self) -> bool:
@@ -435,6 +491,11 @@ class Appliance:
             or new.discovery.backend != self.config.discovery.backend
         ):
             needs_restart.append("api.listen/max_body/limits or discovery.backend")
+        check_keys = {"min_check_interval", "max_checks_per_second", "max_concurrent_checks"}
+        if new.discovery.model_dump(include=check_keys) != self.config.discovery.model_dump(
+            include=check_keys
+        ):
+            needs_restart.append("discovery check limits")
         old = self.config
         self.config = new
         try:
@@ -482,6 +543,8 @@ class Appliance:
             await self.federation.stop()
         if self.checker is not None:
             await self.checker.stop()
+        if self.listener_admission is not None:
+            self.listener_admission.close()
         if self.catalog is not None:
             await self.catalog.close()
         if self._lock is not None:
@@ -503,18 +566,35 @@ def metrics_app() -> web.Application:
 
 
 async def serve(config: Config, config_path: str | None) -> int:
-    """Run until SIGTERM/SIGINT; SIGHUP reloads."""
+    """Run until SIGTERM/SIGINT (heard in every phase, start-up included); SIGHUP reloads."""
+    raise_nofile_limit()  # before the listener budget is derived from it
     appliance = Appliance(config, config_path, builtin_default=config_path is None)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(appliance.reload()))
+    # Start-up can wait (a catalog another process holds locked, a control node that does not
+    # answer): a stop signal is heard then too, not only once start-up is done.
+    starting = asyncio.create_task(appliance.start(), name="start-up")
+    stopping = asyncio.create_task(stop.wait(), name="stop-signal")
     try:
-        await appliance.start()
-    except StartupError:
-        await appliance.stop()  # undo what did start; the CLI prints the one-line reason
-        raise
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            log.warning("start-up interrupted", extra={"reason": "SIGTERM or SIGINT"})
+            await appliance.stop()
+            return 0
+        try:
+            starting.result()
+        except StartupError:
+            # the CLI prints the one-line reason
+            await appliance.stop()
+            raise
+    finally:
+        if not stopping.done():
+            stopping.cancel()
     where = (
         f"API {appliance.api_url}"
         if appliance.api_address

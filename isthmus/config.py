@@ -1,7 +1,8 @@
 """The appliance configuration (DESIGN §7): YAML in, typed immutable objects out.
 
 Every key has a default except `cluster` and `trust_domain`. A bad file is reported whole:
-one line per problem naming the key path, the value and what was expected.
+one line per problem naming the key path, the value and what was expected. Every duration and
+number has bounds (docs/configuration.md, docs/security.md).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from pydantic import (
     model_validator,
 )
 
-from discovery.durations import parse_duration
+from discovery.durations import format_limit, parse_duration
+from discovery.health import DEFAULT_MAX_PROBES_PER_SECOND
+from discovery.limits import DEFAULT_MIN_CHECK_INTERVAL
 from discovery.names import LABEL_EXPECTED, is_label
 from discovery.schema import StaticWorkload, describe_errors
 
@@ -104,11 +107,25 @@ def _cidr(value: object) -> str:
     return value
 
 
-def _duration(value: object) -> float:
-    seconds = parse_duration(value)
-    if seconds < 0:
-        raise ValueError("expected a non-negative duration")
-    return seconds
+def _duration_between(minimum: float, maximum: float) -> BeforeValidator:
+    def check(value: object) -> float:
+        seconds = parse_duration(value, maximum)
+        if seconds < minimum:
+            raise ValueError(f"expected a duration of at least {format_limit(minimum)}")
+        return seconds
+
+    return BeforeValidator(check)
+
+
+def _loopback_listen(value: str) -> str:
+    """The aiomonitor console has no authentication and can cancel any task: loopback only."""
+    host = value.rpartition(":")[0].strip("[]")
+    if host != "localhost" and not ipaddress.ip_address(host).is_loopback:
+        raise ValueError(
+            "expected a loopback address (127.0.0.1, [::1] or localhost): the monitor console "
+            "has no authentication and can cancel any task; reach it remotely through SSH"
+        )
+    return value
 
 
 def _network(value: object) -> str:
@@ -134,11 +151,13 @@ DnsName = Annotated[StrictStr, BeforeValidator(_dns_name)]
 Listen = Annotated[StrictStr, BeforeValidator(_listen)]
 HostPort = Annotated[StrictStr, BeforeValidator(_endpoint)]
 Cidr = Annotated[StrictStr, BeforeValidator(_cidr)]
-Duration = Annotated[float, BeforeValidator(_duration)]
 # A timeout of a listener: more than nothing, at most an hour.
-Timeout = Annotated[float, BeforeValidator(_duration), Field(gt=0, le=3600)]
+Timeout = Annotated[float, _duration_between(0.001, 3600.0)]
 Network = Annotated[StrictStr, BeforeValidator(_network)]
 Count = Annotated[StrictInt, Field(ge=1, le=1_000_000)]
+DrainTimeout = Annotated[float, _duration_between(0.0, 3600.0)]
+CheckFloor = Annotated[float, _duration_between(0.001, 3600.0)]
+LoopbackListen = Annotated[Listen, AfterValidator(_loopback_listen)]
 ExportGlob = Annotated[StrictStr, AfterValidator(_glob)]
 PathStr = Annotated[StrictStr, Field(min_length=1)]
 
@@ -191,9 +210,11 @@ class ControlConfig(_HttpListener):
     listen: Listen = "0.0.0.0:15012"
     # After a restart of the control node, agents get this long to reconnect before their
     # workloads are held critical.
-    agent_grace: Duration = 30.0
+    agent_grace: Annotated[float, _duration_between(0.0, 3600.0)] = 30.0
     # Workloads of an agent disconnected this long are deregistered (null: never).
-    agent_reap_after: Duration | None = 72 * 3600.0
+    agent_reap_after: Annotated[float, _duration_between(60.0, 365 * 86400.0)] | None = (
+        72 * 3600.0
+    )
     handshake_timeout: Timeout = 10.0  # TLS: accept to a finished handshake
     max_connections: Count = 4096  # every agent keeps a WebSocket open
     max_connections_per_source: Count = 32
@@ -238,6 +259,8 @@ class EgressConfig(_Section):
     # remote ingress); false gives every client connection a TLS connection of its own.
     multiplex: StrictBool = True
     tunnel_connections: Annotated[StrictInt, Field(ge=1, le=64)] = 2
+    # VIP listeners (file descriptors) at most; null: a quarter of the open-file limit.
+    max_listeners: Annotated[StrictInt, Field(ge=1, le=1_000_000)] | None = None
 
 
 def _is_corefile_path(value: object) -> bool:
@@ -277,6 +300,12 @@ class DiscoveryConfig(_Section):
     consul: ConsulConfig = ConsulConfig()
     workloads: list[StaticWorkload] = []
     max_concurrent_checks: Annotated[StrictInt, Field(ge=1, le=100000)] = 1024
+    # No check runs more often than this; registrations asking for more are refused (422).
+    min_check_interval: CheckFloor = DEFAULT_MIN_CHECK_INTERVAL
+    # Probes started per second across every workload.
+    max_checks_per_second: Annotated[StrictInt, Field(ge=1, le=1_000_000)] = (
+        DEFAULT_MAX_PROBES_PER_SECOND
+    )
 
     @model_validator(mode="after")
     def _unique_ids(self) -> DiscoveryConfig:
@@ -300,7 +329,7 @@ class FederationConfig(_Section):
 
 class MonitorConfig(_Section):
     enabled: StrictBool = False
-    listen: Listen = "127.0.0.1:20101"
+    listen: LoopbackListen = "127.0.0.1:20101"
 
 
 class LogConfig(_Section):
@@ -330,7 +359,7 @@ class Config(_Section):
     monitor: MonitorConfig = MonitorConfig()
     log: LogConfig = LogConfig()
     workers: Annotated[StrictInt, Field(ge=1, le=256)] = 1
-    drain_timeout: Duration = 10.0
+    drain_timeout: DrainTimeout = 10.0
 
     @model_validator(mode="before")
     @classmethod
@@ -398,10 +427,50 @@ def validate(raw: object, source: str = "config") -> Config:
     if not isinstance(raw, Mapping):
         raise ConfigError([f"expected a mapping of keys at the top level, got {raw!r}"], source)
     try:
-        return Config.model_validate(raw)
+        cfg = Config.model_validate(raw)
     except ValidationError as e:
         problems = [f"{path}: {msg}" if path else msg for path, msg in describe_errors(e)]
         raise ConfigError(problems, source) from None
+    problems = _below_check_floor(cfg.discovery)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def _below_check_floor(d: DiscoveryConfig) -> list[str]:
+    """Static workloads meet `discovery.min_check_interval` like API registrations do."""
+    floor = d.min_check_interval
+    problems = []
+    for i, w in enumerate(d.workloads):
+        c = w.check
+        if c is None:
+            continue
+        field, value = ("ttl", c.ttl) if c.ttl is not None else ("interval", c.interval)
+        if value < floor:
+            problems.append(
+                f"discovery.workloads.{i}.check.{field}: {format_limit(value)} is below "
+                f"discovery.min_check_interval ({format_limit(floor)})"
+            )
+    return problems
+
+
+def _loopback(listen: str) -> bool:
+    host = split_host_port(listen)[0]
+    return host == "localhost" or ipaddress.ip_address(host).is_loopback
+
+
+def exposed_listeners(cfg: Config) -> list[tuple[str, str]]:
+    """(key, address) of every listener this config opens beyond loopback. The control listener
+    is counted for the control role (it opens when the node holds the cluster CA)."""
+    roles = set(cfg.roles)
+    candidates = [
+        ("api.listen", cfg.api.listen, "control" in roles),
+        ("control.listen", cfg.control.listen, "control" in roles),
+        ("metrics.listen", cfg.metrics.listen, cfg.metrics.enabled),
+        ("ingress.listen", cfg.ingress.listen, "ingress" in roles),
+        ("dns.listen", cfg.dns.listen, bool({"dns", "agent"} & roles)),
+    ]
+    return [(key, listen) for key, listen, used in candidates if used and not _loopback(listen)]
 
 
 def load(path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None) -> Config:

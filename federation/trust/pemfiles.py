@@ -1,5 +1,8 @@
 """PEM files: private keys are created 0600 (never chmod-ed after the fact) and never
-overwritten unless `force`; replacements are atomic so a reader sees the old or the new file."""
+overwritten unless `force`; replacements are atomic so a reader sees the old or the new file.
+
+Durable too: the file is fsynced before it is renamed into place, and the directory after, so a
+power cut cannot bring back the old file (for the bootstrap-token file: a spent token)."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from discovery.statefiles import fsync_dir
 from federation.trust.bundle import TrustBundle
 from federation.trust.ca import CertificateAuthority, Identity, PrivateKey
 from federation.trust.errors import KeyExists, PkiError
@@ -43,6 +47,7 @@ def write_file(path: Path, data: bytes, mode: int, *, force: bool = False) -> No
         except FileExistsError:
             raise KeyExists(f"{path} exists; pass --force to replace it") from None
         _write_all(fd, data)
+        fsync_dir(path.parent)
         return
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with contextlib.suppress(FileNotFoundError):
@@ -51,6 +56,7 @@ def write_file(path: Path, data: bytes, mode: int, *, force: bool = False) -> No
     try:
         _write_all(fd, data)
         os.replace(tmp, path)
+        fsync_dir(path.parent)  # the rename is durable only once the directory is
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,8 @@ def make_config(tmp: Path, **overrides: Any) -> dict[str, Any]:
         "api": {"listen": f"{host}:{free_port(host)}", "token_file": str(tmp / "api-token")},
         "metrics": {"listen": f"{host}:{free_port(host)}"},
         "log": {"format": "json", "level": "info"},
+        # tests check every few hundred milliseconds: below the 1 s floor of a real appliance
+        "discovery": {"min_check_interval": "100ms"},
         # never the machine's /etc/isthmus: every test has its own (possibly empty) PKI dir
         "trust": {k: str(tmp / "pki" / f) for k, f in TRUST_FILES.items()},
     }
@@ -132,14 +134,20 @@ class ApplianceProcess:
     def token_file(self) -> str:
         return str(self.raw["api"]["token_file"])
 
-    def start(self, timeout: float = 20.0) -> None:
-        log = self.log_path.open("a")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "isthmus.cli", "run", "--config", str(self.config_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+    def launch(self, preexec_fn: Callable[[], None] | None = None) -> None:
+        """Start the process without waiting for it to serve."""
+        with self.log_path.open("a") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "isthmus.cli", "run", "--config", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                text=True,
+                preexec_fn=preexec_fn,
+            )
+
+    def start(self, timeout: float = 20.0, preexec_fn: Callable[[], None] | None = None) -> None:
+        self.launch(preexec_fn)
+        assert self.proc is not None
         host, port = configmod.split_host_port(self.raw["api"]["listen"])
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

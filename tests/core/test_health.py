@@ -12,6 +12,7 @@ from aiohttp import web
 from discovery.embedded import EmbeddedCatalog
 from discovery.errors import InvalidInput, NotFound
 from discovery.health import HealthChecker
+from discovery.limits import WriteLimits
 from discovery.model import Health
 from discovery.probes import probe_http, probe_tcp
 from discovery.schema import parse_workload
@@ -58,9 +59,13 @@ async def target() -> AsyncIterator[Target]:
         await t.down()
 
 
+# These tests run checks every 100 ms: below the 1 s floor an appliance enforces by default.
+FAST = WriteLimits(min_check_interval=0.01)
+
+
 @pytest.fixture
 async def catalog(tmp_path: Path) -> AsyncIterator[EmbeddedCatalog]:
-    c = EmbeddedCatalog(tmp_path, "east")
+    c = EmbeddedCatalog(tmp_path, "east", limits=FAST)
     await c.open()
     try:
         yield c
@@ -70,7 +75,7 @@ async def catalog(tmp_path: Path) -> AsyncIterator[EmbeddedCatalog]:
 
 @pytest.fixture
 async def checker(catalog: EmbeddedCatalog) -> AsyncIterator[HealthChecker]:
-    h = HealthChecker(catalog)
+    h = HealthChecker(catalog, min_interval=0.01)
     await h.start()
     try:
         yield h

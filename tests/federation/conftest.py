@@ -78,6 +78,8 @@ class Cluster:
                 "export": ["*.default"],
             },
             "egress": {"vip_cidr": self.vip_cidr},
+            # the shift benchmark checks every 500 ms: below a real appliance's 1 s floor
+            "discovery": {"min_check_interval": "100ms"},
         }
 
     async def start(self) -> None:
