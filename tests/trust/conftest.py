@@ -235,7 +235,12 @@ class ControlNode:
         ca = pki.east if cluster == "east" else pki.west
         self.credentials = pki.credentials(cluster, f"{cluster}-gw-1")
         self.tokens = BootstrapTokens(tmp_path / cluster)
-        self.issuer = IdentityIssuer(ca, self.tokens, lambda: self.credentials.bundle)
+        self.issuer = IdentityIssuer(
+            ca,
+            self.tokens,
+            lambda: self.credentials.bundle,
+            own_identity=self.credentials.spiffe_id,
+        )
         self.host = host
         self.runner = web.AppRunner(issuance_app(self.issuer))
 
