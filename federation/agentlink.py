@@ -21,10 +21,11 @@ import aiohttp
 from aiohttp import web
 
 from discovery.catalog import Catalog
-from discovery.errors import DiscoveryError, NotFound
+from discovery.errors import Conflict, DiscoveryError
 from discovery.schema import StaticWorkload, parse_workload
 from federation.routing import RoutingTable, TableHolder, table_from_json, table_to_json
 from federation.trust import PeerVerificationError, SpiffeId, TlsCredentials, verify_peer
+from federation.trust.live import LiveIdentities
 from federation.trust.observe import record_failure
 from federation.trust.spiffe import Kind
 
@@ -47,9 +48,16 @@ def _peer(ssl_object: Any, credentials: TlsCredentials, cluster: str) -> SpiffeI
 
 
 def agent_routes(
-    catalog: Catalog, holder: TableHolder, credentials: TlsCredentials, cluster: str
+    catalog: Catalog,
+    holder: TableHolder,
+    credentials: TlsCredentials,
+    cluster: str,
+    *,
+    live: LiveIdentities | None = None,
 ) -> list[web.RouteDef]:
-    """The control node's side, mounted on the control listener's app."""
+    """The control node's side, mounted on the control listener's app. With `live` (the
+    issuer's), an identity counts as live while its channel is connected: no bootstrap token
+    can mint it then."""
 
     async def stream(request: web.Request) -> web.StreamResponse:
         transport = request.transport
@@ -65,7 +73,11 @@ def agent_routes(
             return web.json_response({"error": f"{sid} is not a node identity"}, status=403)
         ws = web.WebSocketResponse(heartbeat=10.0, max_msg_size=1024 * 1024)
         await ws.prepare(request)
-        source = f"agent:{sid.node}"
+        with live.connected(sid) if live is not None else contextlib.nullcontext():
+            await _serve(ws, sid)
+        return ws
+
+    async def _serve(ws: web.WebSocketResponse, sid: SpiffeId) -> None:
         log.info("agent connected", extra={"agent": str(sid)})
         latest: asyncio.Event = asyncio.Event()
         unsubscribe = holder.subscribe(lambda _t: latest.set())
@@ -86,7 +98,7 @@ def agent_routes(
             async for msg in ws:
                 if msg.type != aiohttp.WSMsgType.TEXT:
                     continue
-                reply = await _handle(catalog, cluster, source, msg.data)
+                reply = await _handle(catalog, cluster, sid, msg.data)
                 await ws.send_str(json.dumps(reply))
         finally:
             unsubscribe()
@@ -94,12 +106,23 @@ def agent_routes(
             with contextlib.suppress(asyncio.CancelledError, ConnectionError):
                 await pusher
             log.info("agent disconnected", extra={"agent": str(sid)})
-        return ws
 
     return [web.get(ROUTE, stream)]
 
 
-async def _handle(catalog: Catalog, cluster: str, source: str, data: str) -> dict[str, Any]:
+def owner_names(sid: SpiffeId) -> frozenset[str]:
+    """The `source` values that mean "registered by `sid`": its full SPIFFE ID, and for an
+    agent the `agent:<node>` older control nodes stored (never for a gateway of that name)."""
+    names = {str(sid)}
+    if sid.kind is Kind.AGENT:
+        names.add(f"agent:{sid.node}")
+    return frozenset(names)
+
+
+async def _handle(catalog: Catalog, cluster: str, sid: SpiffeId, data: str) -> dict[str, Any]:
+    """One message from the agent `sid`. Ownership is decided by the catalog inside the write
+    itself (`owners=`), so two agents racing for one new id cannot both win."""
+    source, owners = str(sid), owner_names(sid)
     try:
         msg = json.loads(data)
     except ValueError:
@@ -111,20 +134,15 @@ async def _handle(catalog: Catalog, cluster: str, source: str, data: str) -> dic
         if not isinstance(wid, str):
             raise DiscoveryError("'id' must be a string")
         if kind == "register":
-            try:
-                owner = catalog.get(wid).workload.source
-            except NotFound:
-                owner = source
-            if owner != source:
-                raise DiscoveryError(f"workload {wid!r} belongs to {owner}, not to {source}")
-            st = await catalog.put(parse_workload(msg.get("workload"), wid, cluster, source))
+            workload = parse_workload(msg.get("workload"), wid, cluster, source)
+            st = await catalog.put(workload, owners=owners)
             return {"type": "ack", "id": wid, "ok": True, "health": st.health.value}
         if kind == "deregister":
-            if catalog.get(wid).workload.source != source:
-                raise DiscoveryError(f"workload {wid!r} was not registered by {source}")
-            await catalog.delete(wid)
+            await catalog.delete(wid, owners=owners)
             return {"type": "ack", "id": wid, "ok": True}
         raise DiscoveryError(f"unknown message type {kind!r}")
+    except Conflict as e:
+        return {"type": "ack", "id": wid, "ok": False, "error": f"{e}, not to {source}"}
     except DiscoveryError as e:
         return {
             "type": "ack",

@@ -167,11 +167,16 @@ class Appliance:
             self.metrics_address = await self._serve(metrics_app(), cfg.metrics.listen)
         if self.trust is not None and self.trust.authority is not None:
             issuer = IdentityIssuer(
-                self.trust.authority, self.bootstrap_tokens, lambda: self.trust.credentials.bundle
+                self.trust.authority,
+                self.bootstrap_tokens,
+                lambda: self.trust.credentials.bundle,
+                own_identity=self.trust.credentials.spiffe_id,
             )
             control_app = issuance_app(issuer)
             control_app.add_routes(
-                agent_routes(catalog, self.holder, self.trust.credentials, cfg.cluster)
+                agent_routes(
+                    catalog, self.holder, self.trust.credentials, cfg.cluster, live=issuer.live
+                )
             )
             self.control_address = await self._serve(
                 control_app,
