@@ -368,7 +368,7 @@ async def request_identity(
 
 def _split_addr(addr: str) -> tuple[str, int]:
     host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not (port.isascii() and port.isdigit()):  # isdigit alone takes '²'
         raise ValueError(f"control address {addr!r} is not HOST:PORT")
     return host.strip("[]"), int(port)
 

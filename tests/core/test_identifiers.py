@@ -89,3 +89,28 @@ async def test_api_refuses_an_id_with_a_trailing_newline(api: ApiSession) -> Non
     assert status == 200 and listed == []
     status, _, _ = await api.call("PUT", "/v1/workloads/abc", BODY)
     assert status == 201
+
+
+@pytest.mark.parametrize("port", ["²", "٣"])
+def test_ports_in_addresses_are_ascii_digits(port: str) -> None:
+    """`str.isdigit` also takes '²' (int() then raises a bare ValueError) and '٣' (read as 3)."""
+    from dns.corefile import parse_corefile
+    from dns.errors import CorefileError
+    from dns.server import parse_listen
+    from dns.wire import text_to_wire
+    from federation.hlc import Stamp
+    from gateway.pool import split_host_port
+
+    with pytest.raises(CorefileError):  # not a bare ValueError from int()
+        parse_corefile(f"global:{port} {{ global }}")
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        parse_listen(f"127.0.0.1:{port}")
+    with pytest.raises(ValueError, match="host:port"):
+        split_host_port(f"127.0.0.1:{port}")
+    with pytest.raises(ValueError, match="WALLMS"):
+        Stamp.parse(f"1{port}.0.east")
+    raw = {"cluster": "e", "trust_domain": "t.d", "api": {"listen": f"127.0.0.1:{port}"}}
+    with pytest.raises(configmod.ConfigError, match=r"api\.listen: expected IP:PORT"):
+        configmod.validate(raw)
+    # a \DDD escape takes ASCII digits only; other characters stand for themselves
+    assert text_to_wire(f"a\\{port * 3}.b") == text_to_wire(f"a{port * 3}.b")
