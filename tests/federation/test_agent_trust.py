@@ -146,6 +146,8 @@ async def test_token_body_binds_kind_and_node(control: Cluster) -> None:
         ({"node": "VM_1"}, "node"),
         ({"node": "vm-1\n"}, "node"),
         ({"ttl": "1h", "role": "x"}, "role"),
+        ({"ttl": "99999999999999d"}, "ttl"),  # past any timedelta: 422, not 500
+        ({"ttl": "9" * 400 + "s"}, "ttl"),
     ]:
         status, out = await control.call("POST", "/v1/bootstrap-tokens", body)
         assert status == 422 and out["field"] == field, (body, out)
@@ -286,3 +288,13 @@ async def test_cli_token_create_binds_kind_and_node(
     argv = ["token", "create", "--kind", "gateway", *api]
     assert await asyncio.to_thread(main, argv) == 1
     assert "node" in capsys.readouterr().err
+
+
+async def test_a_corrupt_token_file_is_503_not_a_ttl_error(control: Cluster) -> None:
+    path = control.dir / "data" / "bootstrap-tokens.json"
+    path.write_text("{nope")
+    status, out = await control.call("POST", "/v1/bootstrap-tokens", {"ttl": "5m"})
+    assert status == 503 and "bootstrap-tokens.json" in out["error"] and "field" not in out
+    path.unlink()
+    status, _ = await control.call("POST", "/v1/bootstrap-tokens", {"ttl": "5m"})
+    assert status == 201
