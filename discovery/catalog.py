@@ -11,10 +11,10 @@ import abc
 import asyncio
 import collections
 import ipaddress
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
-from discovery.errors import NotFound
+from discovery.errors import Conflict, NotFound
 from discovery.model import Health, Workload, WorkloadState
 from discovery.names import ServiceKey
 
@@ -47,12 +47,20 @@ class Catalog(abc.ABC):
         """Flush every acknowledged write and release the store."""
 
     @abc.abstractmethod
-    async def put(self, workload: Workload) -> WorkloadState:
-        """Register or replace; returns once durable."""
+    async def put(
+        self, workload: Workload, *, owners: Collection[str] | None = None
+    ) -> WorkloadState:
+        """Register or replace; returns once durable.
+
+        With `owners`, only a new id, or one whose stored `source` is in `owners`, is written;
+        anything else raises Conflict naming the stored owner. The check is part of the write
+        itself (one transaction, a Consul check-and-set), so of two writers racing for a new id
+        exactly one wins."""
 
     @abc.abstractmethod
-    async def delete(self, workload_id: str) -> None:
-        """Deregister; raises NotFound."""
+    async def delete(self, workload_id: str, *, owners: Collection[str] | None = None) -> None:
+        """Deregister; raises NotFound. With `owners`, as for `put`: Conflict unless the
+        stored `source` is one of them, decided in the same transaction."""
 
     @abc.abstractmethod
     async def set_health(self, workload_id: str, health: Health, output: str = "") -> None:
@@ -93,6 +101,11 @@ class Catalog(abc.ABC):
 
     @abc.abstractmethod
     def subscribe(self, listener: ChangeListener) -> Callable[[], None]: ...
+
+
+def owner_conflict(workload_id: str, stored_source: str) -> Conflict:
+    """What a refused conditional write raises, the same from every backend."""
+    return Conflict(f"workload {workload_id!r} belongs to {stored_source}")
 
 
 class MemoryView:

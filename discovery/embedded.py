@@ -22,14 +22,21 @@ import queue
 import sqlite3
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import Gauge
 
-from discovery.catalog import Catalog, ChangeListener, IPAddress, MemoryView, ServiceSummary
+from discovery.catalog import (
+    Catalog,
+    ChangeListener,
+    IPAddress,
+    MemoryView,
+    ServiceSummary,
+    owner_conflict,
+)
 from discovery.durations import MAX_DURATION
 from discovery.errors import NotFound, StoreError, VipExhausted
 from discovery.limits import Admission, WriteLimits
@@ -218,6 +225,8 @@ class _Op:
     future: asyncio.Future[Any]
     index: int = 0
     applied: bool = False
+    owners: Collection[str] | None = None  # put/delete: only over a row with one of these sources
+    refused: Exception | None = None  # the owner check failed inside the transaction
 
 
 class EmbeddedCatalog(Catalog):
@@ -449,7 +458,12 @@ class EmbeddedCatalog(Catalog):
                     continue
                 next_index += 1
                 op.index = next_index
-                if op.kind == "put":
+                if op.owners is not None:
+                    # in this transaction: sees every commit and the batch's earlier writes
+                    op.refused = _owner_refusal(conn, op.key, op.owners)
+                if op.refused is not None:
+                    op.applied = False
+                elif op.kind == "put":
                     st: WorkloadState = op.payload
                     conn.execute(
                         "INSERT OR REPLACE INTO workloads VALUES (?, ?, ?, ?, ?)",
@@ -492,21 +506,25 @@ class EmbeddedCatalog(Catalog):
             if op.applied:
                 state = None if op.kind == "delete" else op.payload
                 self._view.apply(op.index, op.key, state)
-            _settle(op.future, op.applied, None)
+            _settle(op.future, op.applied, op.refused)
 
-    def _submit(self, kind: str, key: str, payload: Any) -> asyncio.Future[Any]:
+    def _submit(
+        self, kind: str, key: str, payload: Any, owners: Collection[str] | None = None
+    ) -> asyncio.Future[Any]:
         if self._failed is not None:
             raise self._failed
         if self._closed or self._loop is None:
             raise StoreError("catalog is closed")
         fut = self._loop.create_future()
-        self._queue.put(_Op(kind, key, payload, fut))
+        self._queue.put(_Op(kind, key, payload, fut, owners=owners))
         if self._failed is not None:  # the writer failed between the check and the put
             _settle(fut, None, self._failed)
         return fut
 
     # writes --------------------------------------------------------------------------------
-    async def put(self, workload: Workload) -> WorkloadState:
+    async def put(
+        self, workload: Workload, *, owners: Collection[str] | None = None
+    ) -> WorkloadState:
         old = self._view.by_id.get(workload.id)
         release = self._admit(workload, old)
         try:
@@ -517,9 +535,10 @@ class EmbeddedCatalog(Catalog):
                     workload, Health.PASSING if workload.check is None else Health.UNKNOWN
                 )
             vip = self._vip_future(str(workload.service))
-            put = self._submit("put", workload.id, state)
-            await vip
-            await put
+            put = self._submit(
+                "put", workload.id, state, None if owners is None else frozenset(owners)
+            )
+            await asyncio.gather(vip, put)  # a refused put raises Conflict; both are retrieved
             return state
         finally:
             release()
@@ -531,9 +550,10 @@ class EmbeddedCatalog(Catalog):
             return _nothing
         return self.admission(workload, None if old is None else old.workload)
 
-    async def delete(self, workload_id: str) -> None:
+    async def delete(self, workload_id: str, *, owners: Collection[str] | None = None) -> None:
         self._view.get(workload_id)
-        if not await self._submit("delete", workload_id, None):
+        owned = None if owners is None else frozenset(owners)
+        if not await self._submit("delete", workload_id, None, owned):
             raise NotFound(f"workload {workload_id!r} is not registered")
 
     async def set_health(self, workload_id: str, health: Health, output: str = "") -> None:
@@ -619,6 +639,20 @@ class EmbeddedCatalog(Catalog):
 
 def _nothing() -> None:
     pass
+
+
+def _owner_refusal(
+    conn: sqlite3.Connection, workload_id: str, owners: Collection[str]
+) -> Exception | None:
+    """Conflict if the stored row for `workload_id` has a source outside `owners`."""
+    row = conn.execute("SELECT body FROM workloads WHERE id=?", (workload_id,)).fetchone()
+    if row is None:
+        return None
+    try:
+        source = json.loads(row[0])["source"]
+    except (ValueError, KeyError, TypeError):
+        source = "an unreadable record"  # never overwritten by a conditional write
+    return None if source in owners else owner_conflict(workload_id, str(source))
 
 
 def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

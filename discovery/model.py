@@ -78,7 +78,9 @@ class Workload:
     locality: Locality = EMPTY_LOCALITY
     weight: int = 1
     check: Check | None = None
-    source: str = "api"  # "api", "config" or "agent": config-sourced ones follow config reloads
+    # who registered it: "api", "config" (follows config reloads) or the agent's SPIFFE ID
+    # ("agent:<node>" in records of older releases); conditional writes check it
+    source: str = "api"
 
     def to_json(self, health: Health) -> dict[str, object]:
         out: dict[str, object] = {

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+# Always `fullmatch`: with `match`, a `$` also matches before a final "\n" ("web\n" passed).
+LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 LABEL_EXPECTED = (
     "a DNS label: lowercase letters, digits and '-', 1-63 chars, alphanumeric at both ends"
 )
@@ -13,7 +14,7 @@ DEFAULT_NAMESPACE = "default"
 
 
 def is_label(value: object) -> bool:
-    return isinstance(value, str) and LABEL_RE.match(value) is not None
+    return isinstance(value, str) and LABEL_RE.fullmatch(value) is not None
 
 
 @dataclass(frozen=True, slots=True, order=True)

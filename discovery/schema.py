@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -38,6 +39,14 @@ MAX_CHECK_INTERVAL = 24 * 3600.0
 MAX_CHECK_TIMEOUT = 300.0
 MAX_CHECK_TTL = 7 * 86400.0
 MAX_DEREGISTER_AFTER = 30 * 86400.0
+
+# Identifiers are matched whole with `fullmatch` (never `match` and `$`, which also accepts a
+# final "\n"), so the check does not depend on which regex engine runs it.
+WORKLOAD_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+WORKLOAD_ID_EXPECTED = (
+    "1-128 chars of letters, digits, '.', '_', ':' or '-', starting with a letter or digit"
+)
+LABEL_KEY_RE = re.compile(r"[A-Za-z0-9._/-]{1,63}")
 
 
 def _label(value: object) -> object:
@@ -73,15 +82,32 @@ def _host(value: str) -> str:
     return value.lower()
 
 
+def _ascii_digits(text: str) -> bool:
+    """`str.isdigit` alone also takes '²' and '٣' (int() then fails, or reads 3)."""
+    return text.isascii() and text.isdigit()
+
+
 def _host_port(value: object) -> str:
     if not isinstance(value, str) or ":" not in value:
         raise ValueError("expected HOST:PORT")
     host, _, port = value.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
+    if not _ascii_digits(port) or not 1 <= int(port) <= 65535:
         raise ValueError("expected HOST:PORT with a port from 1 to 65535")
     host = _host(host)
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _label_key(value: str) -> str:
+    if LABEL_KEY_RE.fullmatch(value) is None:
+        raise ValueError("expected 1-63 chars of letters, digits, '.', '_', '/' or '-'")
+    return value
+
+
+def _workload_id(value: str) -> str:
+    if WORKLOAD_ID_RE.fullmatch(value) is None:
+        raise ValueError(f"expected {WORKLOAD_ID_EXPECTED}")
+    return value
 
 
 Label = Annotated[StrictStr, BeforeValidator(_label)]
@@ -93,7 +119,7 @@ Timeout = Annotated[float, _duration_at_most(MAX_CHECK_TIMEOUT), _AS_DURATION]
 Ttl = Annotated[float, _duration_at_most(MAX_CHECK_TTL), _AS_DURATION]
 DeregisterAfter = Annotated[float, _duration_at_most(MAX_DEREGISTER_AFTER), _AS_DURATION]
 Port = Annotated[StrictInt, Field(ge=1, le=65535)]
-LabelKey = Annotated[StrictStr, Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9._/-]+$")]
+LabelKey = Annotated[StrictStr, Field(min_length=1, max_length=63), AfterValidator(_label_key)]
 
 
 class _Strict(BaseModel):
@@ -120,6 +146,9 @@ class CheckSpec(_Strict):
     def _http_url(cls, v: str | None) -> str | None:
         if v is None:
             return v
+        # urlsplit silently drops tabs and newlines; the probe would send what is stored
+        if any(c.isspace() or not c.isprintable() for c in v):
+            raise ValueError("expected a URL without whitespace or control characters")
         parts = urlsplit(v)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("expected an http:// or https:// URL with a host")
@@ -201,13 +230,10 @@ class WorkloadSpec(_Strict):
         )
 
 
-WORKLOAD_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
-
-
 class StaticWorkload(WorkloadSpec):
     """A registration in the config file: the API body plus its id."""
 
-    id: Annotated[StrictStr, Field(pattern=WORKLOAD_ID_PATTERN)]
+    id: Annotated[StrictStr, AfterValidator(_workload_id)]
 
     def to_body(self) -> dict[str, Any]:
         """The registration body as the API and the agent channel take it (durations as
@@ -241,11 +267,9 @@ def describe_errors(exc: ValidationError, prefix: str = "") -> list[tuple[str, s
 
 def parse_workload(body: object, workload_id: str, cluster: str, source: str = "api") -> Workload:
     """Validate a registration body; raises InvalidInput naming the first field, all problems."""
-    if not re.match(WORKLOAD_ID_PATTERN, workload_id):
+    if WORKLOAD_ID_RE.fullmatch(workload_id) is None:
         raise InvalidInput(
-            f"workload id {workload_id!r}: expected 1-128 chars of letters, digits, '.', '_', "
-            "':' or '-', starting with a letter or digit",
-            field="id",
+            f"workload id {workload_id!r}: expected {WORKLOAD_ID_EXPECTED}", field="id"
         )
     try:
         spec = WorkloadSpec.model_validate(body)

@@ -309,6 +309,10 @@ class _Parser:
             out.append(Directive(tok, tuple(args), block))
 
 
+def _digits(text: str) -> bool:
+    return text.isascii() and text.isdigit()  # isdigit alone takes '²', which int() refuses
+
+
 def parse_zone_key(tok: Token) -> ZoneKey:
     text = tok.text
     if "://" in text:
@@ -319,7 +323,7 @@ def parse_zone_key(tok: Token) -> ZoneKey:
     host = text
     if ":" in text:
         host, _, port_text = text.rpartition(":")
-        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        if not _digits(port_text) or not 0 <= int(port_text) <= 65535:
             raise tok.error(f"port {port_text!r} is not a number from 0 to 65535")
         port = int(port_text)
     if host in ("", "."):

@@ -259,6 +259,6 @@ def address_arg(tok: Token, default_port: int) -> tuple[str, int]:
     except ValueError:
         if host != "localhost":
             raise tok.error(f"expected an IP address, got {host!r}") from None
-    if not port_text.isdigit() or int(port_text) > 65535:
+    if not (port_text.isascii() and port_text.isdigit()) or int(port_text) > 65535:
         raise tok.error(f"expected a port from 0 to 65535, got {port_text!r}")
     return host, int(port_text)

@@ -39,7 +39,7 @@ def parse_listen(listen: str) -> list[tuple[str, int]]:
     out = []
     for part in (p.strip() for p in listen.split(",")):
         host, sep, port_text = part.rpartition(":")
-        if not sep or not port_text.isdigit() or int(port_text) > 65535:
+        if not sep or not (port_text.isascii() and port_text.isdigit()) or int(port_text) > 65535:
             raise ValueError(f"listen address {part!r} is not HOST:PORT")
         host = host.strip("[]") or "0.0.0.0"
         ipaddress.ip_address(host)  # raises ValueError naming the bad address

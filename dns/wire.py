@@ -457,7 +457,8 @@ def text_to_wire(name: str) -> bytes:
     while i < len(name):
         c = name[i]
         if c == "\\":
-            if name[i + 1 : i + 4].isdigit() and len(name[i + 1 : i + 4]) == 3:
+            digits = name[i + 1 : i + 4]
+            if len(digits) == 3 and digits.isascii() and digits.isdigit():  # \DDD, ASCII only
                 cur.append(int(name[i + 1 : i + 4]) & 0xFF)
                 i += 4
                 continue

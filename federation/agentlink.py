@@ -1,6 +1,6 @@
 """The channel between a VM agent and its cluster's control node.
 
-An agent holds no catalog of its own (DESIGN §2): over one WebSocket on the control listener,
+An agent holds no catalog of its own: over one WebSocket on the control listener,
 authenticated by its agent identity (mTLS), it registers its workloads with the control node
 and receives every routing-table snapshot for its local egress and resolver. The control node
 verifies the agent is an identity of its own cluster; the agent verifies the control node is
@@ -15,7 +15,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,12 +23,13 @@ import aiohttp
 from aiohttp import web
 
 from discovery.catalog import Catalog
-from discovery.errors import DiscoveryError, NotFound
+from discovery.errors import Conflict, DiscoveryError, NotFound
 from discovery.health import HealthChecker
 from discovery.model import WorkloadState
 from discovery.schema import StaticWorkload, parse_workload
 from federation.routing import RoutingTable, TableHolder, table_from_json, table_to_json
 from federation.trust import PeerVerificationError, SpiffeId, TlsCredentials, verify_peer
+from federation.trust.live import LiveIdentities
 from federation.trust.observe import record_failure
 from federation.trust.spiffe import Kind
 
@@ -50,9 +51,13 @@ def _peer(ssl_object: Any, credentials: TlsCredentials, cluster: str) -> SpiffeI
     )
 
 
-def agent_source(sid: SpiffeId) -> str:
-    """The `source` recorded on the workloads an agent registers: who may change them."""
-    return f"agent:{sid.node}"
+def owner_names(sid: SpiffeId) -> frozenset[str]:
+    """The `source` values that mean "registered by `sid`": its full SPIFFE ID, and for an
+    agent the `agent:<node>` older control nodes stored (never for a gateway of that name)."""
+    names = {str(sid)}
+    if sid.kind is Kind.AGENT:
+        names.add(f"agent:{sid.node}")
+    return frozenset(names)
 
 
 def is_agent_source(source: str) -> bool:
@@ -102,6 +107,7 @@ class AgentHub:
         *,
         grace: float = 30.0,
         reap_after: float | None = 72 * 3600.0,
+        live: LiveIdentities | None = None,
     ) -> None:
         self.catalog = catalog
         self.holder = holder
@@ -110,6 +116,9 @@ class AgentHub:
         self.checker = checker
         self.grace = grace
         self.reap_after = reap_after
+        # the issuer's: an identity counts as live while its channel is connected, so no
+        # bootstrap token can mint it then
+        self.live = live
         self.sessions: dict[str, AgentSession] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -194,7 +203,7 @@ class AgentHub:
         if session is not None and session.connected:
             return
         self.sessions.pop(source, None)
-        task = asyncio.create_task(_deregister_all(self.catalog, source, "reaped"))
+        task = asyncio.create_task(_deregister_all(self.catalog, {source}, "reaped"))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -215,9 +224,14 @@ class AgentHub:
             return web.json_response({"error": f"{sid} is not a node identity"}, status=403)
         ws = web.WebSocketResponse(heartbeat=10.0, max_msg_size=1024 * 1024)
         await ws.prepare(request)
-        source = agent_source(sid)
-        log.info("agent connected", extra={"agent": str(sid), "address": request.remote})
-        session = self._connected(sid, source, request.remote)
+        with self.live.connected(sid) if self.live is not None else contextlib.nullcontext():
+            await self._serve(ws, sid, request.remote)
+        return ws
+
+    async def _serve(self, ws: web.WebSocketResponse, sid: SpiffeId, remote: str | None) -> None:
+        source = str(sid)
+        log.info("agent connected", extra={"agent": str(sid), "address": remote})
+        session = self._connected(sid, source, remote)
         wake = asyncio.Event()
         states: dict[str, WorkloadState | None] = {}
 
@@ -249,7 +263,7 @@ class AgentHub:
             async for msg in ws:
                 if msg.type != aiohttp.WSMsgType.TEXT:
                     continue
-                reply = await _handle(self.catalog, self.cluster, source, msg.data)
+                reply = await _handle(self.catalog, self.cluster, sid, msg.data)
                 left = left or reply.get("type") == "left"
                 await ws.send_str(json.dumps(reply))
         finally:
@@ -260,7 +274,6 @@ class AgentHub:
                 await pusher
             self._disconnected(session, left)
             log.info("agent disconnected", extra={"agent": str(sid), "left": left})
-        return ws
 
 
 def _state_message(wid: str, state: WorkloadState | None) -> dict[str, Any]:
@@ -269,32 +282,42 @@ def _state_message(wid: str, state: WorkloadState | None) -> dict[str, Any]:
     return {"type": "state", "id": wid, "health": state.health.value, "output": state.output}
 
 
-async def _deregister_all(catalog: Catalog, source: str, why: str, keep: set[str] = frozenset()
-                          ) -> list[str]:  # fmt: skip
+async def _deregister_all(
+    catalog: Catalog, owners: Collection[str], why: str, keep: Collection[str] = ()
+) -> list[str]:
+    """Deregister what `owners` registered, but `keep`; the owner is checked in the write."""
     removed = []
     for st in catalog.workloads():
         wid = st.workload.id
-        if st.workload.source == source and wid not in keep:
-            with contextlib.suppress(NotFound):
-                await catalog.delete(wid)
+        if st.workload.source in owners and wid not in keep:
+            with contextlib.suppress(NotFound, Conflict):
+                await catalog.delete(wid, owners=owners)
                 removed.append(wid)
     if removed:
-        log.info("agent workloads deregistered", extra={"source": source, "why": why,
+        log.info("agent workloads deregistered", extra={"owners": sorted(owners), "why": why,
                                                         "workloads": removed})
     return removed
 
 
 def agent_routes(
-    catalog: Catalog, holder: TableHolder, credentials: TlsCredentials, cluster: str
+    catalog: Catalog,
+    holder: TableHolder,
+    credentials: TlsCredentials,
+    cluster: str,
+    *,
+    live: LiveIdentities | None = None,
 ) -> list[web.RouteDef]:
     """The channel without liveness tracking (no health checker to hold workloads)."""
-    return AgentHub(catalog, holder, credentials, cluster).routes()
+    return AgentHub(catalog, holder, credentials, cluster, live=live).routes()
 
 
-async def _handle(catalog: Catalog, cluster: str, source: str, data: str) -> dict[str, Any]:
+async def _handle(catalog: Catalog, cluster: str, sid: SpiffeId, data: str) -> dict[str, Any]:
+    """One message from the agent `sid`. Ownership is decided by the catalog inside the write
+    itself (`owners=`), so two agents racing for one new id cannot both win."""
+    source, owners = str(sid), owner_names(sid)
     try:
         msg = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         msg = None
     if not isinstance(msg, dict):
         return {"type": "ack", "id": None, "ok": False, "error": "expected a JSON object"}
@@ -303,29 +326,24 @@ async def _handle(catalog: Catalog, cluster: str, source: str, data: str) -> dic
         if kind in ("register", "deregister") and not isinstance(wid, str):
             raise DiscoveryError("'id' must be a string")
         if kind == "register":
-            try:
-                owner = catalog.get(wid).workload.source
-            except NotFound:
-                owner = source
-            if owner != source:
-                raise DiscoveryError(f"workload {wid!r} belongs to {owner}, not to {source}")
-            st = await catalog.put(parse_workload(msg.get("workload"), wid, cluster, source))
+            workload = parse_workload(msg.get("workload"), wid, cluster, source)
+            st = await catalog.put(workload, owners=owners)
             return {"type": "ack", "id": wid, "ok": True, "health": st.health.value}
+        if kind == "deregister":
+            await catalog.delete(wid, owners=owners)
+            return {"type": "ack", "id": wid, "ok": True}
         if kind == "prune":  # the agent's whole set: drop what it no longer has
             keep = msg.get("keep")
             if not isinstance(keep, list) or not all(isinstance(k, str) for k in keep):
                 raise DiscoveryError("'keep' must be a list of workload ids")
-            removed = await _deregister_all(catalog, source, "pruned", set(keep))
+            removed = await _deregister_all(catalog, owners, "pruned", set(keep))
             return {"type": "pruned", "id": wid, "ok": True, "removed": removed}
         if kind == "leave":  # a clean stop: the agent's workloads leave with it
-            removed = await _deregister_all(catalog, source, "agent left")
+            removed = await _deregister_all(catalog, owners, "agent left")
             return {"type": "left", "id": wid, "ok": True, "removed": removed}
-        if kind == "deregister":
-            if catalog.get(wid).workload.source != source:
-                raise DiscoveryError(f"workload {wid!r} was not registered by {source}")
-            await catalog.delete(wid)
-            return {"type": "ack", "id": wid, "ok": True}
         raise DiscoveryError(f"unknown message type {kind!r}")
+    except Conflict as e:
+        return {"type": "ack", "id": wid, "ok": False, "error": f"{e}, not to {source}"}
     except DiscoveryError as e:
         return {
             "type": "ack",

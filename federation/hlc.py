@@ -33,7 +33,8 @@ class Stamp:
         if not isinstance(text, str):
             raise ValueError(f"expected a version 'WALLMS.COUNTER.ORIGIN', got {text!r}")
         parts = text.split(".", 2)
-        if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit() or not parts[2]:
+        numeric = all(p.isascii() and p.isdigit() for p in parts[:2])  # not '²' or '٣'
+        if len(parts) != 3 or not parts[2] or not numeric:
             raise ValueError(f"expected a version 'WALLMS.COUNTER.ORIGIN', got {text!r}")
         return cls(int(parts[0]), int(parts[1]), parts[2])
 

@@ -42,7 +42,7 @@ _NAME_TYPE_HOST = 0
 # Letters that start an HTTP/1 request line (CONNECT, DELETE, GET, HEAD, OPTIONS, PATCH, POST,
 # PUT, TRACE) or the HTTP/2 preface (PRI): plaintext HTTP sent to the TLS port.
 _HTTP_FIRST = frozenset(b"CDGHOPT")
-_HOST_LABEL = re.compile(rb"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_HOST_LABEL = re.compile(rb"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")  # fullmatch: "$" allows b"\n"
 
 
 class RejectReason(enum.StrEnum):
@@ -296,7 +296,7 @@ def _host_name(name: memoryview) -> str:
         raise _Reject(RejectReason.BAD_SNI, f"host_name of {len(name)} bytes > {MAX_HOST_NAME}")
     lowered = bytes(name).lower()
     for label in lowered.split(b"."):
-        if _HOST_LABEL.match(label) is None:
+        if _HOST_LABEL.fullmatch(label) is None:
             raise _Reject(
                 RejectReason.BAD_SNI,
                 f"host_name {bytes(name)[:64]!r} is not dot-separated DNS labels",

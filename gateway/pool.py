@@ -66,7 +66,7 @@ class PoolConfig:
 def split_host_port(address: str) -> tuple[str, int]:
     """ "host:port" or "[v6]:port" -> (host, port)."""
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not (port.isascii() and port.isdigit()):
         raise ValueError(f"{address!r} is not host:port")
     return host.strip("[]"), int(port)
 

@@ -19,12 +19,12 @@ from discovery.catalog import Catalog, ServiceSummary
 from discovery.durations import parse_duration
 from discovery.errors import Conflict, DiscoveryError, InvalidInput, NotFound, StoreError
 from discovery.health import HealthChecker
-from discovery.names import ServiceKey
+from discovery.names import LABEL_EXPECTED, ServiceKey, is_label
 from discovery.schema import parse_workload
 from federation.agentlink import AgentHub
 from federation.routing import ServiceRoute, TableHolder
 from federation.service import Federation
-from federation.trust import BootstrapTokens, TrustError
+from federation.trust import BootstrapTokens, Kind, TrustError
 from isthmus import __version__
 from isthmus.auth import TokenRegistry
 from isthmus.metrics import API_LATENCY, API_REQUESTS
@@ -292,7 +292,14 @@ async def put_workload(request: web.Request) -> web.Response:
         ctx.catalog.get(wid)
     except NotFound:
         existed = False
-    state = await ctx.catalog.put(workload)
+    # Only a new id or one the API registered: an agent's or the config's is theirs to change
+    # (DELETE still removes any). Checked inside the write, so a racing agent cannot slip in.
+    try:
+        state = await ctx.catalog.put(workload, owners=("api",))
+    except Conflict as e:
+        raise ApiError(
+            409, f"{e}; change it there, or DELETE it first to register it through the API"
+        ) from None
     log.info(
         "workload registered",
         extra={"workload": wid, "service": str(workload.service), "address": workload.address},
@@ -460,7 +467,7 @@ async def create_bootstrap_token(request: web.Request) -> web.Response:
     if tokens is None:
         raise ApiError(409, "this appliance issues no identities (control role)")
     body = await read_json(request) if request.can_read_body else {}
-    unknown = set(body) - {"ttl"}
+    unknown = set(body) - {"ttl", "kind", "node"}
     if unknown:
         f = sorted(unknown)[0]
         raise ApiError(422, f"{f}: unknown field", f)
@@ -468,12 +475,23 @@ async def create_bootstrap_token(request: web.Request) -> web.Response:
         ttl = parse_duration(body.get("ttl", "1h"))
     except ValueError as e:
         raise ApiError(422, f"ttl {body.get('ttl')!r}: {e}", "ttl") from None
+    kind, node = body.get("kind", "agent"), body.get("node")
+    if kind not in ("agent", "gateway"):
+        raise ApiError(422, f"kind {kind!r}: expected 'agent' or 'gateway'", "kind")
+    if node is not None and not is_label(node):
+        raise ApiError(422, f"node {node!r}: expected {LABEL_EXPECTED}", "node")
+    if kind == "gateway" and node is None:
+        raise ApiError(422, "node: a gateway token must name its gateway's node", "node")
     try:
-        token, expires = tokens.create(ttl)
-    except (TrustError, ValueError) as e:
-        raise ApiError(422, f"ttl: {e}", "ttl") from None
-    log.info("bootstrap token created", extra={"expires": expires.isoformat()})
-    return json_response({"token": token, "expires": expires.isoformat()}, 201)
+        token, expires = tokens.create(ttl, kind=Kind(kind), node=node)
+    except ValueError as e:  # kind and node are checked above: the ttl is out of range
+        raise ApiError(422, f"ttl {body.get('ttl', '1h')!r}: {e}", "ttl") from None
+    except TrustError as e:  # the token file cannot be read or written
+        log.error("bootstrap token store failed", extra={"error": str(e)})
+        raise ApiError(503, f"cannot create a bootstrap token: {e}") from None
+    return json_response(
+        {"token": token, "expires": expires.isoformat(), "kind": kind, "node": node}, 201
+    )
 
 
 def make_app(ctx: ApiContext, max_body: int = 1024 * 1024) -> web.Application:

@@ -184,7 +184,10 @@ class Appliance:
             self.metrics_address = await self._serve(metrics_app(), cfg.metrics.listen)
         if self.trust is not None and self.trust.authority is not None:
             issuer = IdentityIssuer(
-                self.trust.authority, self.bootstrap_tokens, lambda: self.trust.credentials.bundle
+                self.trust.authority,
+                self.bootstrap_tokens,
+                lambda: self.trust.credentials.bundle,
+                own_identity=self.trust.credentials.spiffe_id,
             )
             control_app = issuance_app(issuer)
             self.agent_hub = AgentHub(
@@ -195,6 +198,7 @@ class Appliance:
                 self.checker,
                 grace=cfg.control.agent_grace,
                 reap_after=cfg.control.agent_reap_after,
+                live=issuer.live,
             )
             ctx.agents = self.agent_hub
             control_app.add_routes(self.agent_hub.routes())

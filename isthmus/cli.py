@@ -294,9 +294,13 @@ def cmd_traffic_reset(args: argparse.Namespace) -> int:
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
-    out = _client(args).request("POST", "/v1/bootstrap-tokens", {"ttl": args.ttl})
+    body = {"ttl": args.ttl, "kind": args.kind}
+    if args.node:
+        body["node"] = args.node
+    out = _client(args).request("POST", "/v1/bootstrap-tokens", body)
     print(out["token"])
-    print(f"expires {out['expires']} (single use)", file=sys.stderr)
+    bound = f"node {args.node}" if args.node else "any node name not in use"
+    print(f"expires {out['expires']} (single use: {args.kind}, {bound})", file=sys.stderr)
     return 0
 
 
@@ -493,11 +497,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("token", "bootstrap tokens for agents")
     tsub = p.add_subparsers(dest="token_command", required=True, metavar="ACTION")
     t = tsub.add_parser(
-        "create", help="a one-time token for an agent's first identity", formatter_class=_Formatter
+        "create", help="a one-time token for a node's first identity", formatter_class=_Formatter
     )
     t.add_argument(
         "--ttl", metavar="DURATION", default="1h", type=_duration_arg,
         help="how long it may be used (default %(default)s, at most 30d)",
+    )
+    t.add_argument(
+        "--kind", choices=["agent", "gateway"], default="agent",
+        help="the identity it mints (default %(default)s; gateway needs --node)",
+    )
+    t.add_argument(
+        "--node", metavar="NAME", help="the only node name it mints (default: any free name)"
     )
     _api_args(t)
     t.set_defaults(func=cmd_token_create)

@@ -69,7 +69,7 @@ def _listen(value: object) -> str:
         raise ValueError("expected IP:PORT, e.g. 127.0.0.1:15000 or [::1]:15000")
     host, _, port = value.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not port.isdigit() or int(port) > 65535:
+    if not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ValueError("expected IP:PORT with a port from 0 to 65535")
     if host != "localhost":
         try:
@@ -85,7 +85,7 @@ def _endpoint(value: object) -> str:
         raise ValueError("expected HOST:PORT")
     host, _, port = value.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
+    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
         raise ValueError("expected HOST:PORT with a port from 1 to 65535")
     try:
         ipaddress.ip_address(host)

@@ -297,7 +297,7 @@ def _prefetch_spec(sub: Directive) -> tuple[int, float, float]:
 def setup(s: Setup, d: Directive) -> CachePlugin:
     args = list(d.args)
     success_ttl, denial_ttl = MAX_SUCCESS_TTL, MAX_DENIAL_TTL
-    if args and args[0].text.isdigit():
+    if args and args[0].text.isascii() and args[0].text.isdigit():
         success_ttl = denial_ttl = int_arg(args.pop(0), 0, 86400 * 7, "a TTL in seconds")
     zones = zone_args(args, (".",))
     success = (DEFAULT_CAPACITY, success_ttl, min(MIN_TTL, success_ttl))

@@ -190,12 +190,12 @@ def parse_upstream(tok: Token, base_dir: str | None) -> list[tuple[str, int]]:
     if text.startswith("["):
         host, _, rest = text[1:].partition("]")
         if rest:
-            if not rest.startswith(":") or not rest[1:].isdigit():
+            if not rest.startswith(":") or not (rest[1:].isascii() and rest[1:].isdigit()):
                 raise tok.error(f"forward: bad upstream {tok.text!r}")
             port = int(rest[1:])
     elif text.count(":") == 1:
         host, _, port_text = text.partition(":")
-        if not port_text.isdigit():
+        if not (port_text.isascii() and port_text.isdigit()):
             raise tok.error(f"forward: bad port in {tok.text!r}")
         port = int(port_text)
     if not 0 < port <= 65535:

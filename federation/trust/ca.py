@@ -10,6 +10,7 @@ import hashlib
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -344,7 +345,16 @@ def sign_csr(
     The CSR's own names are ignored: the identity comes from the authorization decision, the
     CSR only supplies the public key and proves its holder has the private key.
     """
-    if not csr.is_signature_valid:
+    return issue_certificate(ca, spiffe_id, check_csr(csr), lifetime=lifetime, now=now)
+
+
+def check_csr(csr: x509.CertificateSigningRequest) -> ec.EllipticCurvePublicKey:
+    """The CSR's public key if `sign_csr` would accept it; raises CsrRejected saying why.
+    (The issuer checks before it spends a bootstrap token on the request.)"""
+    try:
+        valid, public_key = csr.is_signature_valid, csr.public_key()
+    except (ValueError, UnsupportedAlgorithm) as exc:  # a key or signature type unknown here
+        raise CsrRejected(f"the CSR cannot be read: {exc}") from None
+    if not valid:
         raise CsrRejected("the CSR's signature does not verify")
-    public_key = _check_public_key(csr.public_key())
-    return issue_certificate(ca, spiffe_id, public_key, lifetime=lifetime, now=now)
+    return _check_public_key(public_key)

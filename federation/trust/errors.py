@@ -37,6 +37,12 @@ class CsrRejected(PkiError):
     reason = "bad_csr"
 
 
+class BootstrapTokenRefused(TrustError):
+    """A bootstrap token that is unknown, already used or expired."""
+
+    reason = "bad_bootstrap_token"
+
+
 # --- peer verification -----------------------------------------------------------------------
 
 

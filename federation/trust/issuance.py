@@ -2,10 +2,13 @@
 
 `POST /v1/identity` with `{"csr": PEM, "node": NAME, "kind": "agent"|"gateway"}` signs the CSR
 for `spiffe://<td>/cluster/<this cluster>/<kind>/<node>`, authorized by either
-- `Authorization: Bearer <one-time bootstrap token>` (an agent's first identity), or
+- `Authorization: Bearer <one-time bootstrap token>` (a node's first identity): only the kind
+  the token was made for, only its node if it names one, and never an identity that is live
+  (see `federation.trust.live`); or
 - the caller's current, valid client certificate, which may only renew its own SPIFFE ID.
-It answers `{"spiffe_id", "certificate_chain": PEM, "bundle": PEM, "expires"}`. The private key
-never travels: the caller keeps it and sends only the CSR.
+Everything is checked before a token is spent, and a token is spent only with the certificate
+signed. It answers `{"spiffe_id", "certificate_chain": PEM, "bundle": PEM, "expires"}`. The
+private key never travels: the caller keeps it and sends only the CSR.
 """
 
 from __future__ import annotations
@@ -32,21 +35,24 @@ from federation.trust.ca import (
     CertificateAuthority,
     Identity,
     PrivateKey,
+    check_csr,
     make_csr,
     sign_csr,
 )
 from federation.trust.contexts import client_context
 from federation.trust.errors import (
+    BootstrapTokenRefused,
     CsrRejected,
     IssuanceError,
     PeerVerificationError,
     PkiError,
     TrustError,
 )
+from federation.trust.live import ISSUED_FILENAME, LiveIdentities
 from federation.trust.observe import record_failure
 from federation.trust.pemfiles import certs_pem
 from federation.trust.spiffe import Kind, SpiffeId
-from federation.trust.tokens import BootstrapTokens
+from federation.trust.tokens import BootstrapTokens, TokenGrant
 from federation.trust.verify import verify_chain, verify_peer
 
 log = logging.getLogger(__name__)
@@ -59,6 +65,11 @@ ISSUED = Counter(
     "isthmus_identities_issued_total",
     "Identities signed by this control node, by kind and how the caller authenticated",
     ["cluster", "kind", "auth"],
+)
+REFUSED = Counter(
+    "isthmus_identity_requests_refused_total",
+    "Identity requests this control node refused, by reason",
+    ["reason"],
 )
 
 
@@ -92,7 +103,11 @@ def parse_request(body: object) -> IssueRequest:
 
 class IdentityIssuer:
     """The control node's issuing state: its cluster CA (swappable after a CA re-issue),
-    the current bundle and the bootstrap tokens."""
+    the current bundle, the bootstrap tokens and which identities are live.
+
+    `own_identity`: the control node's own; its node name is never minted from a token.
+    `live`: shared with the agent channel (`agent_routes(..., live=issuer.live)`) so connected
+    agents count as live; by default issued identities are kept next to the tokens."""
 
     def __init__(
         self,
@@ -101,11 +116,17 @@ class IdentityIssuer:
         bundle: Callable[[], TrustBundle],
         *,
         lifetime: dt.timedelta = IDENTITY_LIFETIME,
+        own_identity: SpiffeId | None = None,
+        live: LiveIdentities | None = None,
+        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     ) -> None:
         self.authority = authority
         self.tokens = tokens
         self.bundle = bundle
         self.lifetime = lifetime
+        self.live = live or LiveIdentities(tokens.path.parent / ISSUED_FILENAME, clock=clock)
+        if own_identity is not None and own_identity.node is not None:
+            self.live.reserved_nodes.add(own_identity.node)
 
     @property
     def cluster_id(self) -> SpiffeId:
@@ -114,25 +135,44 @@ class IdentityIssuer:
     def issue(
         self, req: IssueRequest, *, token: str | None, peer: SpiffeId | None
     ) -> tuple[SpiffeId, tuple[x509.Certificate, ...]]:
-        """Authorize and sign. Exactly one of `token` / `peer` is the caller's credential."""
+        """Authorize and sign. Exactly one of `token` / `peer` is the caller's credential.
+
+        Every check runs before the token is spent: the CSR (422), the token (401), what it
+        is bound to (403), whether the identity is live (409). The token is spent, atomically
+        with the other holders of the token file, only once the certificate is signed.
+        Synchronous on purpose: two requests for one node cannot interleave between the
+        liveness check and the record of the issued identity."""
         ca_id = self.cluster_id
         wanted = SpiffeId.for_node(ca_id.trust_domain, ca_id.cluster, req.kind, req.node)
-        if not req.csr.is_signature_valid:
-            raise IssuanceError("the CSR's signature does not verify", status=422, field="csr")
-        if token is not None:
-            if not self.tokens.consume(token):
-                raise IssuanceError("invalid, used or expired bootstrap token", status=401)
-            auth = "token"
-        elif peer is not None:
-            if peer != wanted:
-                raise IssuanceError(f"{peer} may only renew its own identity", status=403)
-            auth = "identity"
-        else:
-            raise IssuanceError("a bootstrap token or a client certificate is required", status=401)
         try:
-            cert = sign_csr(self.authority, req.csr, wanted, lifetime=self.lifetime)
+            check_csr(req.csr)
+            if token is not None:
+                try:
+                    cert = self.tokens.redeem(token, lambda g: self._sign_for_token(g, wanted, req))
+                except BootstrapTokenRefused as exc:
+                    raise _refused("bad_token", str(exc), 401) from None
+                auth = "token"
+            elif peer is not None:
+                if peer != wanted:
+                    raise _refused("not_self", f"{peer} may only renew its own identity", 403)
+                cert = self._sign(req, wanted)
+                self.live.record(wanted, cert.not_valid_after_utc)
+                auth = "identity"
+            else:
+                raise _refused(
+                    "no_credential", "a bootstrap token or a client certificate is required", 401
+                )
         except CsrRejected as exc:
-            raise IssuanceError(str(exc), status=422, field="csr") from None
+            raise _refused("bad_csr", str(exc), 422, "csr") from None
+        except IssuanceError as exc:
+            log.info(
+                "identity request refused id=%s status=%s: %s",
+                wanted,
+                exc.status,
+                exc,
+                extra={"spiffe_id": str(wanted), "status": exc.status, "error": str(exc)},
+            )
+            raise
         ISSUED.labels(cluster=ca_id.cluster, kind=req.kind.value, auth=auth).inc()
         log.info(
             "identity issued id=%s auth=%s serial=%x",
@@ -142,6 +182,42 @@ class IdentityIssuer:
             extra={"spiffe_id": str(wanted), "auth": auth, "serial": f"{cert.serial_number:x}"},
         )
         return wanted, (cert, self.authority.cert)
+
+    def _sign_for_token(
+        self, grant: TokenGrant, wanted: SpiffeId, req: IssueRequest
+    ) -> x509.Certificate:
+        """Called with the token file locked: raising here leaves the token unspent."""
+        if grant.kind is not req.kind:
+            raise _refused(
+                "wrong_kind",
+                f"this bootstrap token mints only {grant.kind.value} identities, not "
+                f"{req.kind.value} ones (a token for that: isthmus token create --kind "
+                f"{req.kind.value} --node NAME)",
+                403,
+                "kind",
+            )
+        if grant.node is not None and grant.node != req.node:
+            raise _refused(
+                "wrong_node",
+                f"this bootstrap token is bound to node {grant.node}, not {req.node}",
+                403,
+                "node",
+            )
+        why = self.live.refusal(wanted, bound=grant.node is not None)
+        if why is not None:
+            raise _refused("live", f"{wanted} is in use: {why}", 409, "node")
+        cert = self._sign(req, wanted)
+        # recorded before the token is spent: if that write fails, nothing was handed out
+        self.live.record(wanted, cert.not_valid_after_utc)
+        return cert
+
+    def _sign(self, req: IssueRequest, wanted: SpiffeId) -> x509.Certificate:
+        return sign_csr(self.authority, req.csr, wanted, lifetime=self.lifetime)
+
+
+def _refused(reason: str, message: str, status: int, field: str | None = None) -> IssuanceError:
+    REFUSED.labels(reason=reason).inc()
+    return IssuanceError(message, status=status, field=field)
 
 
 def _error(status: int, message: str, field: str | None = None) -> web.Response:
@@ -196,6 +272,9 @@ def issuance_routes(issuer: IdentityIssuer) -> list[web.RouteDef]:
             return _error(413, f"the body exceeds {MAX_BODY} bytes")
         except IssuanceError as exc:
             return _error(exc.status or 500, str(exc), exc.field)
+        except PkiError as exc:  # its token or issued-identities file: unreadable, disk full
+            log.error("identity issuance unavailable", extra={"error": str(exc)})
+            return _error(503, f"this control node cannot issue identities now: {exc}")
         return web.json_response(
             {
                 "spiffe_id": str(sid),
@@ -289,7 +368,7 @@ async def request_identity(
 
 def _split_addr(addr: str) -> tuple[str, int]:
     host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not (port.isascii() and port.isdigit()):  # isdigit alone takes '²'
         raise ValueError(f"control address {addr!r} is not HOST:PORT")
     return host.strip("[]"), int(port)
 

@@ -153,22 +153,24 @@ async def test_agent_bootstraps_registers_and_routes(tmp_path: Path, control: Cl
 async def test_an_agent_cannot_take_over_another_sources_workload(control: Cluster) -> None:
     await control.register("owned", "web")  # registered through the API
     from federation.agentlink import _handle
+    from federation.trust import SpiffeId
 
+    vm9 = SpiffeId.for_node("mesh.test", "east", "agent", "vm-9")
     assert control.app is not None and control.app.catalog is not None
     reply = await _handle(
         control.app.catalog,
         "east",
-        "agent:vm-9",
+        vm9,
         '{"type": "register", "id": "owned", "workload": '
         '{"service": "web", "address": "10.0.0.1", "ports": {"http": 1}}}',
     )
     assert not reply["ok"] and "belongs to api" in reply["error"]
-    reply = await _handle(control.app.catalog, "east", "agent:vm-9", "[]")
+    reply = await _handle(control.app.catalog, "east", vm9, "[]")
     assert not reply["ok"]
     reply = await _handle(
         control.app.catalog,
         "east",
-        "agent:vm-9",
+        vm9,
         '{"type": "register", "id": "x", "workload": {"service": "BAD"}}',
     )
     assert not reply["ok"] and reply["id"] == "x"

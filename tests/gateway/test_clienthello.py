@@ -399,3 +399,9 @@ def test_largest_hello_one_byte_at_a_time() -> None:
     results = [parser.feed(data[i : i + 1]) for i in range(len(data))]
     assert all(r is NEED_MORE for r in results[:-1])
     assert isinstance(results[-1], ClientHello)
+
+
+@pytest.mark.parametrize("name", [b"example.org\n", b"example\n.org", b"\nexample.org"])
+def test_a_newline_in_a_label_is_bad_sni(name: bytes) -> None:
+    result = parse_client_hello(build_hello([sni_ext(name)]))
+    assert isinstance(result, Rejected) and result.reason is RejectReason.BAD_SNI, result

@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import pytest
+from aiohttp import web
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from federation.trust import names
@@ -24,13 +26,17 @@ from federation.trust.ca import (
     create_root,
     generate_key,
     issue_identity,
+    make_csr,
     utcnow,
 )
 from federation.trust.connections import tls_accept
+from federation.trust.contexts import client_context
 from federation.trust.credentials import TlsCredentials
 from federation.trust.errors import TrustError
+from federation.trust.issuance import IdentityIssuer, issuance_app
 from federation.trust.observe import HANDSHAKE_FAILURES
 from federation.trust.spiffe import SpiffeId
+from federation.trust.tokens import BootstrapTokens
 
 TD = "mesh.test"
 
@@ -213,3 +219,67 @@ async def echo_server() -> AsyncIterator[Callable[..., asyncio.Future[EchoServer
     yield start  # type: ignore[misc]
     for srv in servers:
         await srv.close()
+
+
+# --- a control node serving identity issuance ------------------------------------------------
+
+
+def csr_pem(key: object, pki: Pki, node: str = "vm-1", kind: str = "agent") -> str:
+    sid = SpiffeId.for_node(pki.td, "east", kind, node)
+    return make_csr(key, sid).public_bytes(serialization.Encoding.PEM).decode()  # type: ignore[arg-type]
+
+
+class ControlNode:
+    def __init__(self, pki, tmp_path, cluster: str = "east", host: str = "127.31.4.1") -> None:  # type: ignore[no-untyped-def]
+        self.pki = pki
+        ca = pki.east if cluster == "east" else pki.west
+        self.credentials = pki.credentials(cluster, f"{cluster}-gw-1")
+        self.tokens = BootstrapTokens(tmp_path / cluster)
+        self.issuer = IdentityIssuer(
+            ca,
+            self.tokens,
+            lambda: self.credentials.bundle,
+            own_identity=self.credentials.spiffe_id,
+        )
+        self.host = host
+        self.runner = web.AppRunner(issuance_app(self.issuer))
+
+    async def start(self) -> ControlNode:
+        await self.runner.setup()
+        ctx = self.credentials.listener_context(require_client_cert=False)
+        site = web.TCPSite(self.runner, self.host, 0, ssl_context=ctx)
+        await site.start()
+        self.port = self.runner.addresses[0][1]
+        return self
+
+    @property
+    def addr(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def post(self, body: object, headers: dict[str, str], identity=None) -> tuple[int, dict]:  # type: ignore[no-untyped-def]
+        """A raw request, for inputs `request_identity` would never send."""
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        ctx = client_context(identity, self.pki.bundle)
+        reader, writer = await asyncio.open_connection(self.host, self.port, ssl=ctx)
+        head = [
+            "POST /v1/identity HTTP/1.1",
+            f"Host: {self.addr}",
+            "Connection: close",
+            f"Content-Length: {len(data)}",
+            "Content-Type: application/json",
+            *(f"{k}: {v}" for k, v in headers.items()),
+        ]
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + data)
+        raw = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        if not raw:
+            raise ConnectionResetError("the control node closed the connection without answering")
+        head_raw, _, payload = raw.partition(b"\r\n\r\n")
+        return int(head_raw.split(b" ")[1]), json.loads(payload)
+
+
+@pytest.fixture
+async def control(pki, tmp_path) -> AsyncIterator[ControlNode]:  # type: ignore[no-untyped-def]
+    node = await ControlNode(pki, tmp_path).start()
+    yield node
+    await node.runner.cleanup()
