@@ -16,15 +16,15 @@ class PrerequisiteError(TestbedError):
 class CommandError(TestbedError):
     """A command the testbed ran (on the host, in a namespace or in a machine) failed."""
 
-    def __init__(self, where: str, argv: list[str], returncode: int, stdout: str, stderr: str):
+    def __init__(self, where: str, argv: list, returncode: int, stdout: str, stderr: str):
         self.where = where
-        self.argv = argv
+        self.argv = [str(a) for a in argv]
         self.returncode = returncode
         self.stdout = stdout
         self.stderr = stderr
         detail = (stderr or stdout).strip().splitlines()
         tail = detail[-1] if detail else ""
-        super().__init__(f"{where}: {' '.join(argv)!r} exited {returncode}: {tail}")
+        super().__init__(f"{where}: {' '.join(self.argv)!r} exited {returncode}: {tail}")
 
 
 class BootError(TestbedError):

@@ -38,7 +38,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _skip_unless_possible() -> None:
     reason = prereqs.skip_reason()
     if reason:
-        pytest.skip(f"{reason} (install: {prereqs.INSTALL_HINT})")
+        pytest.skip(reason)
 
 
 @contextlib.contextmanager

@@ -154,11 +154,12 @@ class Node:
 
     # --- commands ----------------------------------------------------------------------------
 
-    def argv(self, argv: Sequence[str]) -> list[str]:
-        """argv wrapped to run inside this node (for callers that need their own Popen)."""
+    def net_argv(self, argv: Sequence[str]) -> list[str]:
+        """argv wrapped to run as a host program (the host's files, Python and tools) in this
+        node's network namespace. For a machine: on its network, not in its file system."""
         return ["ip", "netns", "exec", self.netns, *argv]
 
-    def run(
+    def net_run(
         self,
         argv: Sequence[str],
         *,
@@ -169,13 +170,25 @@ class Node:
         text: bool = True,
     ) -> subprocess.CompletedProcess:
         """Run a host program in this node's network namespace."""
-        return run(self.argv(argv), where=f"node {self.name}", input=input, timeout=timeout,
-                   check=check, env=env, text=text)
+        return run(self.net_argv(argv), where=f"netns of {self.name}", input=input,
+                   timeout=timeout, check=check, env=env, text=text)
+
+    def net_popen(self, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen:
+        """Start a host program in this node's network namespace; the caller owns (and must
+        end) it. Whatever still runs in the namespace at teardown is killed with it."""
+        return subprocess.Popen(self.net_argv(argv), **kwargs)
+
+    # A bare node has nothing but its network namespace: "in the node" is the same thing.
+    def argv(self, argv: Sequence[str]) -> list[str]:
+        """argv wrapped to run inside this node (for callers that need their own Popen)."""
+        return self.net_argv(argv)
+
+    def run(self, argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess:
+        """Run a host program in this node's network namespace (see net_run)."""
+        return self.net_run(argv, **kwargs)
 
     def popen(self, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen:
-        """Start a host program in this node's namespace; the caller owns (and must end) it.
-        Whatever still runs in the namespace at teardown is killed with it."""
-        return subprocess.Popen(self.argv(argv), **kwargs)
+        return self.net_popen(argv, **kwargs)
 
     def connect(self, address: str, port: int, timeout: float = 2.0) -> str:
         """Try a TCP connection from this node: "connected", "refused" (the address answered),

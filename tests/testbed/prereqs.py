@@ -59,18 +59,20 @@ class Check:
         return not self.problems
 
 
-def _which(cmd: str) -> str | None:
-    path = os.environ.get("PATH", "") + ":" + ":".join(_SBIN)
-    return shutil.which(cmd, path=path)
+def default_search_path() -> str:
+    return os.environ.get("PATH", "") + ":" + ":".join(_SBIN)
 
 
-def check() -> Check:
+def check(search_path: str | None = None) -> Check:
+    """What is missing for the testbed on this host; commands are looked up in search_path
+    (default: PATH and the sbin directories)."""
+    search_path = default_search_path() if search_path is None else search_path
     problems: list[str] = []
     missing: set[str] = set()
     if os.geteuid() != 0:
         problems.append("needs root (network namespaces, systemd-nspawn)")
     for cmd, pkg in COMMANDS.items():
-        if _which(cmd) is None:
+        if shutil.which(cmd, path=search_path) is None:
             problems.append(f"{cmd} not found (Debian package {pkg})")
             missing.add(pkg)
     for path, pkg in MACHINE_FILES.items():
@@ -84,18 +86,18 @@ def check() -> Check:
 
 def require() -> None:
     """Raise PrerequisiteError listing everything that is missing (and how to install it)."""
-    result = check()
-    if not result.ok:
-        hint = f"; install with: {INSTALL_HINT}" if result.missing_packages else ""
-        raise PrerequisiteError("testbed prerequisites: " + "; ".join(result.problems) + hint)
+    reason = skip_reason()
+    if reason:
+        raise PrerequisiteError(reason)
 
 
-def skip_reason() -> str | None:
+def skip_reason(search_path: str | None = None) -> str | None:
     """Why the testbed cannot run here, in one line, or None when it can."""
-    result = check()
+    result = check(search_path)
     if result.ok:
         return None
-    return "testbed needs root and systemd-container: " + "; ".join(result.problems)
+    hint = f"; install with: {INSTALL_HINT}" if result.missing_packages else ""
+    return "the testbed needs root and systemd-container: " + "; ".join(result.problems) + hint
 
 
 def host_runs_systemd() -> bool:

@@ -157,19 +157,27 @@ def wait_gone(pid: int, start: int | None, timeout: float) -> bool:
 
 
 def kill_machine_process(nspawn_pid: int, timeout: float = 10.0) -> None:
-    """Stop a machine hard: SIGKILL its PID 1 (the kernel then kills everything in its pid
-    namespace and systemd-nspawn exits), then SIGKILL systemd-nspawn if it lingers."""
-    start = process_start(nspawn_pid)
-    if start is None:
-        return
-    init = container_init(nspawn_pid)
-    if init is not None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(init, signal.SIGKILL)
-    if not wait_gone(nspawn_pid, start, timeout):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(nspawn_pid, signal.SIGKILL)
-        wait_gone(nspawn_pid, start, 5.0)
+    kill_machine_processes([nspawn_pid], timeout)
+
+
+def kill_machine_processes(nspawn_pids: list[int], timeout: float = 10.0) -> None:
+    """Stop machines hard, all at once: SIGKILL each one's PID 1 (the kernel then kills
+    everything in its pid namespace and systemd-nspawn exits), then SIGKILL a systemd-nspawn
+    that lingers."""
+    starts = {pid: process_start(pid) for pid in nspawn_pids}
+    for pid in nspawn_pids:
+        init = container_init(pid)
+        if init is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(init, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    for pid, start in starts.items():
+        if start is None:
+            continue
+        if not wait_gone(pid, start, max(0.1, deadline - time.monotonic())):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            wait_gone(pid, start, 5.0)
 
 
 # --- namespaces ------------------------------------------------------------------------------
@@ -289,8 +297,7 @@ def destroy(run_id: str) -> Remains:
     """Remove everything of a run, found by name: machines (hard), namespaces (with anything
     still running in them), files. Returns what could not be removed (normally nothing)."""
     found = remains(run_id)
-    for pid in found.machines.values():
-        kill_machine_process(pid)
+    kill_machine_processes(list(found.machines.values()))
     for cg in found.cgroups:  # stragglers of a machine, whatever their parent
         cgroups.remove(cg)
     cgroups.remove_empty_roots()

@@ -10,11 +10,10 @@ import contextlib
 import ipaddress
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
-import time
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -262,6 +261,23 @@ def test_link_down_and_up_on_the_public_segment(
     assert east.connect(EDGE_PUBLIC["west"], 8083) == "connected"
 
 
+def test_host_programs_run_on_a_machines_network(
+    testbed: Testbed, backends: list[Backend]
+) -> None:
+    # net_run: the host's own tools and Python (with the project's packages) on the VM's
+    # network, as a load generator would run; run: inside the machine's own file system.
+    vm = testbed["east-vm"]
+    backends.append(testbed["east-service"].start_backend("probe", 9085))
+    here = vm.net_run([sys.executable, "-c", "import aiohttp, sys; print(sys.prefix)"])
+    assert here.stdout.strip() == sys.prefix
+    assert vm.net_run(["test", "-d", str(REPO)], check=False).returncode == 0
+    assert vm.run(["test", "-d", str(REPO)], check=False).returncode != 0  # not in the machine
+    script = ("import json, sys, urllib.request; "
+              "print(json.load(urllib.request.urlopen(sys.argv[1], timeout=5))['host'])")
+    out = vm.net_run([sys.executable, "-c", script, f"http://{SERVICE_PRIVATE}:9085/"])
+    assert out.stdout.strip() == "east-service"
+
+
 def test_a_probe_host_joins_the_public_segment(testbed: Testbed, backends: list[Backend]) -> None:
     backends.append(testbed["west-edge"].start_backend("edgeprobe", 8084,
                                                        address=EDGE_PUBLIC["west"]))
@@ -345,18 +361,18 @@ def test_a_killed_runs_leftovers_are_removed_by_the_next_up(
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True)
     rid = None
+    lines = []
+    watchdog = threading.Timer(60, proc.kill)  # bounds the wait for its "holding" line
+    watchdog.start()
     try:
-        deadline = time.monotonic() + 60
-        lines = []
-        while rid is None and time.monotonic() < deadline and proc.poll() is None:
-            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
-            if ready:
-                line = proc.stdout.readline()
-                lines.append(line)
-                if line.startswith("holding testbed "):
-                    rid = line.split()[2].rstrip(";")
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("holding testbed "):
+                rid = line.split()[2].rstrip(";")
+                break
         assert rid, "".join(lines)
     finally:
+        watchdog.cancel()
         proc.send_signal(signal.SIGKILL)  # no teardown: everything it built stays behind
         proc.wait(10)
         proc.stdout.close()
