@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     except TestbedError as exc:
         print(f"testbed: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `... | head`: the reader left; what was done stays done
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def cmd_up(args: argparse.Namespace) -> int:
