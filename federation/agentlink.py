@@ -299,18 +299,6 @@ async def _deregister_all(
     return removed
 
 
-def agent_routes(
-    catalog: Catalog,
-    holder: TableHolder,
-    credentials: TlsCredentials,
-    cluster: str,
-    *,
-    live: LiveIdentities | None = None,
-) -> list[web.RouteDef]:
-    """The channel without liveness tracking (no health checker to hold workloads)."""
-    return AgentHub(catalog, holder, credentials, cluster, live=live).routes()
-
-
 async def _handle(catalog: Catalog, cluster: str, sid: SpiffeId, data: str) -> dict[str, Any]:
     """One message from the agent `sid`. Ownership is decided by the catalog inside the write
     itself (`owners=`), so two agents racing for one new id cannot both win."""

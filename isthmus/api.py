@@ -122,10 +122,11 @@ async def boundary(request: web.Request, handler: Handler) -> web.StreamResponse
     try:
         scope = required_scope(request)
         if scope is not None:
-            auth = request.headers.get("Authorization", "")
-            if not auth.startswith("Bearer ") or not auth[7:].strip():
+            # RFC 9110: the scheme is case-insensitive ("bearer" is as good as "Bearer")
+            scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
                 raise ApiError(401, "missing bearer token: send 'Authorization: Bearer <token>'")
-            grant = request.app[TOKENS].lookup(auth[7:].strip())
+            grant = request.app[TOKENS].lookup(token.strip())
             if grant is None:
                 raise ApiError(401, "invalid bearer token")
             if not grant.allows(scope):
@@ -165,7 +166,14 @@ async def boundary(request: web.Request, handler: Handler) -> web.StreamResponse
             msg = f"method {request.method} not allowed on {request.path}"
         else:
             msg = e.reason
-        return error_response(e.status, msg, None)
+        response = error_response(e.status, msg, None)
+        if isinstance(e, web.HTTPMethodNotAllowed):  # RFC 9110: a 405 says what is allowed
+            response.headers["Allow"] = ", ".join(sorted(e.allowed_methods))
+        return response
+    except Exception:
+        # A bug, not the caller's fault: logged with its traceback, answered in the API's shape.
+        log.exception("unexpected error", extra={"path": request.path, "method": request.method})
+        return error_response(500, "internal error; the appliance's log has the details", None)
     finally:
         API_REQUESTS.labels(request.method, route, str(status)).inc()
         API_LATENCY.labels(request.method, route).observe(time.perf_counter() - started)
@@ -174,11 +182,39 @@ async def boundary(request: web.Request, handler: Handler) -> web.StreamResponse
 # --- helpers -------------------------------------------------------------------------------
 
 
+MAX_JSON_DEPTH = 32  # a registration is 3 levels deep; nothing the API takes needs more
+
+
+def json_depth(value: Any) -> int:
+    """How deeply `value` nests lists and objects (iteratively: no recursion to exhaust)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return deepest
+
+
+def parse_json(raw: bytes | str) -> Any:
+    """JSON from a client, at most MAX_JSON_DEPTH deep; ValueError says what is wrong."""
+    try:
+        value = json.loads(raw)
+    except RecursionError:
+        raise ValueError(f"nested more than {MAX_JSON_DEPTH} levels deep") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(str(e)) from None
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise ValueError(f"nested more than {MAX_JSON_DEPTH} levels deep")
+    return value
+
+
 async def read_json(request: web.Request) -> dict[str, Any]:
     raw = await request.read()  # raises 413 past client_max_size
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+        body = parse_json(raw)
+    except ValueError as e:
         raise ApiError(400, f"malformed JSON body: {e}") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"expected a JSON object body, got {type(body).__name__}")
@@ -190,7 +226,8 @@ def blocking_params(request: web.Request) -> tuple[int | None, float]:
     index_s = request.query.get("index")
     if index_s is None:
         return None, 0.0
-    if not index_s.isdigit():
+    # ASCII digits only: '²'.isdigit() is true, and int('²') raises
+    if not (index_s.isascii() and index_s.isdigit()) or len(index_s) > 19:
         raise ApiError(400, f"index {index_s!r}: expected a non-negative integer", "index")
     try:
         wait = parse_duration(request.query.get("wait", "60s"))

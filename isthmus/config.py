@@ -459,18 +459,24 @@ def _loopback(listen: str) -> bool:
     return host == "localhost" or ipaddress.ip_address(host).is_loopback
 
 
-def exposed_listeners(cfg: Config) -> list[tuple[str, str]]:
-    """(key, address) of every listener this config opens beyond loopback. The control listener
-    is counted for the control role (it opens when the node holds the cluster CA)."""
+def listeners_in_use(cfg: Config) -> list[tuple[str, str]]:
+    """(key, address) of every listener this config opens. The control listener is counted for
+    the control role (it opens when the node holds the cluster CA)."""
     roles = set(cfg.roles)
     candidates = [
-        ("api.listen", cfg.api.listen, "control" in roles),
+        ("api.listen", cfg.api.listen, bool({"control", "agent"} & roles)),
         ("control.listen", cfg.control.listen, "control" in roles),
         ("metrics.listen", cfg.metrics.listen, cfg.metrics.enabled),
         ("ingress.listen", cfg.ingress.listen, "ingress" in roles),
         ("dns.listen", cfg.dns.listen, bool({"dns", "agent"} & roles)),
+        ("monitor.listen", cfg.monitor.listen, cfg.monitor.enabled),
     ]
-    return [(key, listen) for key, listen, used in candidates if used and not _loopback(listen)]
+    return [(key, listen) for key, listen, used in candidates if used]
+
+
+def exposed_listeners(cfg: Config) -> list[tuple[str, str]]:
+    """(key, address) of every listener this config opens beyond loopback."""
+    return [(key, listen) for key, listen in listeners_in_use(cfg) if not _loopback(listen)]
 
 
 def load(path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None) -> Config:

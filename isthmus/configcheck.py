@@ -2,35 +2,23 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from pathlib import Path
 
 from dns.errors import DnsError
 from dns.server import DnsServer
 from federation.routing import TableHolder
-from isthmus.config import Config, role_problems, split_host_port
+from isthmus.config import (
+    Config,
+    exposed_listeners,
+    listeners_in_use,
+    role_problems,
+    split_host_port,
+)
 
 
 def _readable(path: str) -> bool:
     return os.access(path, os.R_OK)
-
-
-def listeners(cfg: Config) -> dict[str, str]:
-    """The addresses this config listens on, by key."""
-    roles = set(cfg.roles)
-    out = {"api.listen": cfg.api.listen}
-    if cfg.metrics.enabled:
-        out["metrics.listen"] = cfg.metrics.listen
-    if "control" in roles:
-        out["control.listen"] = cfg.control.listen
-    if "ingress" in roles:
-        out["ingress.listen"] = cfg.ingress.listen
-    if "dns" in roles or "agent" in roles:
-        out["dns.listen"] = cfg.dns.listen
-    if cfg.monitor.enabled:
-        out["monitor.listen"] = cfg.monitor.listen
-    return out
 
 
 def deeper_problems(cfg: Config) -> list[str]:
@@ -53,7 +41,7 @@ def deeper_problems(cfg: Config) -> list[str]:
             "on the control node)"
         )
     seen: dict[tuple[str, int], str] = {}
-    for key, listen in listeners(cfg).items():
+    for key, listen in listeners_in_use(cfg):
         host, port = split_host_port(listen)
         if port == 0:
             continue
@@ -71,10 +59,10 @@ def summary(cfg: Config) -> list[str]:
         f"{', '.join(cfg.roles)}",
         f"data_dir {cfg.data_dir}",
     ]
-    for key, listen in listeners(cfg).items():
-        host, _ = split_host_port(listen)
-        exposed = host != "localhost" and not ipaddress.ip_address(host).is_loopback
-        lines.append(f"{key} {listen}" + ("  (reachable from other hosts)" if exposed else ""))
+    exposed = set(exposed_listeners(cfg))
+    for key, listen in listeners_in_use(cfg):
+        note = "  (reachable from other hosts)" if (key, listen) in exposed else ""
+        lines.append(f"{key} {listen}{note}")
     if cfg.federation.peers:
         peers = ", ".join(f"{p.cluster} at {p.address}" for p in cfg.federation.peers)
         lines.append(f"peers: {peers}; exports {', '.join(cfg.federation.export)}")

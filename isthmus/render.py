@@ -93,6 +93,7 @@ def render_status(status: dict[str, Any], workloads: list[dict[str, Any]], now: 
         f"workloads here: {cat['workloads']} ({h['passing']} passing, {h['critical']} critical, "
         f"{h['unknown']} unknown); catalog index {cat['index']}"
     )
+    lines += _problems(status)
     lines += ["", _services(status)]
     if status.get("peers"):
         rows = [["PEER", "ADDRESS", "STATE", "LAST SYNC", "SERVICES", "ERROR"]]
@@ -121,6 +122,22 @@ def render_status(status: dict[str, Any], workloads: list[dict[str, Any]], now: 
     if h["unknown"] or any(w["health"] == "unknown" for w in workloads):
         lines += ["", "unknown: not checked yet; each check runs once per interval"]
     return "\n".join(lines)
+
+
+def _problems(status: dict[str, Any]) -> list[str]:
+    """What the appliance had to leave out: quarantined store rows, listeners past the budget."""
+    out = []
+    for key, name in (("catalog", "catalog.db"), ("policy_store", "federation.db")):
+        rows = (status.get(key) or {}).get("quarantined") or []
+        if rows:
+            out.append(f"problem: {len(rows)} row(s) of {name} quarantined at start-up, e.g. "
+                       f"{rows[0]['table']} {rows[0]['key']}: {one_line(rows[0]['reason'], 60)} "
+                       "(`isthmus docs catalog`, 'A damaged file')")
+    egress = (status.get("limits") or {}).get("egress_listeners") or {}
+    if egress.get("skipped"):
+        out.append(f"problem: {egress['skipped']} VIP listener(s) not opened: the egress budget "
+                   f"is {egress.get('budget')} (egress.max_listeners, the open-files limit)")
+    return out
 
 
 def _render_agent(status: dict[str, Any], workloads: list[dict[str, Any]], now: float) -> str:

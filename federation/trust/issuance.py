@@ -106,7 +106,7 @@ class IdentityIssuer:
     the current bundle, the bootstrap tokens and which identities are live.
 
     `own_identity`: the control node's own; its node name is never minted from a token.
-    `live`: shared with the agent channel (`agent_routes(..., live=issuer.live)`) so connected
+    `live`: shared with the agent channel (`AgentHub(..., live=issuer.live)`) so connected
     agents count as live; by default issued identities are kept next to the tokens."""
 
     def __init__(
@@ -264,8 +264,9 @@ def issuance_routes(issuer: IdentityIssuer) -> list[web.RouteDef]:
                 raise IssuanceError("Authorization must be 'Bearer <token>'", status=401)
             try:
                 body = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise IssuanceError("the body is not JSON", status=400) from None
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+                raise IssuanceError("the body is not JSON (or nests too deeply)", status=400) \
+                    from None
             req = parse_request(body)
             sid, chain = issuer.issue(req, token=token, peer=None if token else peer)
         except web.HTTPRequestEntityTooLarge:

@@ -180,6 +180,14 @@ def test_status_explains_what_it_shows() -> None:
     row = next(line for line in text.splitlines() if line.startswith("vm-1 "))
     assert row.endswith("critical  HTTP GET http://10.0.0.5:9080/: connection refused")
     assert "T" not in ago(now - 5, now)
+    assert "problem" not in text
+    status["catalog"]["quarantined"] = [{"table": "workloads", "key": "w-9", "reason": "ports: "
+                                         "expected an object", "at": "2026-11-30T00:00:00Z"}]
+    status["limits"] = {"egress_listeners": {"budget": 256, "wanted": 300, "open": 256,
+                                             "skipped": 44}}
+    text = render_status(status, workloads, now)
+    assert "problem: 1 row(s) of catalog.db quarantined at start-up, e.g. workloads w-9" in text
+    assert "problem: 44 VIP listener(s) not opened: the egress budget is 256" in text
 
 
 def test_status_watch_redraws_until_interrupted(appliance_process: ApplianceProcess) -> None:
