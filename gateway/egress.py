@@ -28,7 +28,6 @@ listeners start even before the route exists.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import socket
@@ -45,6 +44,7 @@ from gateway.budget import BUDGET, LISTENERS, SKIPPED, listener_budget
 from gateway.errors import ConnectFailed, RoutingError
 from gateway.h1proxy import FastServer
 from gateway.http import HttpConfig, HttpProxy
+from gateway.listen import listening_socket
 from gateway.metrics import GatewayKind, Outcome, ejection_listener, flow, record_rejection
 from gateway.pool import PoolConfig, TunnelPool
 from gateway.probe import GatewayProber, ProbeConfig
@@ -59,7 +59,6 @@ __all__ = ["Egress", "EgressConfig"]
 
 log = logging.getLogger(__name__)
 
-_IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 _RELAY_OUTCOMES = {
     RelayOutcome.CLOSED: Outcome.OK,
     RelayOutcome.IDLE_TIMEOUT: Outcome.IDLE_TIMEOUT,
@@ -257,22 +256,10 @@ class Egress:
         SKIPPED.labels(cluster).set(len(skipped))
 
     async def _open(self, spec: ListenerSpec) -> _Listener:
-        family = socket.AF_INET6 if spec.vip.version == 6 else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if self.config.reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if self.config.free_bind:
-                with contextlib.suppress(OSError):
-                    level = socket.IPPROTO_IPV6 if family == socket.AF_INET6 else socket.IPPROTO_IP
-                    sock.setsockopt(level, _IP_FREEBIND, 1)
-            sock.bind((str(spec.vip), spec.port))
-            sock.listen(self.config.backlog)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
+        sock = listening_socket(
+            str(spec.vip), spec.port, self.config.backlog,
+            reuse_port=self.config.reuse_port, free_bind=self.config.free_bind,
+        )
         lst = _Listener(spec, sock)
         if spec.mode is Mode.HTTP:
             lst.http = self.http.make_server()

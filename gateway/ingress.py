@@ -53,6 +53,7 @@ from gateway.clienthello import (
     parse_client_hello,
 )
 from gateway.errors import RoutingError, SniError
+from gateway.listen import listening_socket
 from gateway.metrics import GatewayKind, Outcome, flow, record_rejection
 from gateway.relay import ProtocolRelay, RelayConfig, RelayOutcome
 from gateway.sni import FederationSni, ProbeSni, ServiceSni, TunnelSni, parse_sni
@@ -154,18 +155,7 @@ class Ingress:
 
     async def start(self) -> None:
         cfg = self.config
-        family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if cfg.reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((cfg.host, cfg.port))
-            sock.listen(cfg.backlog)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
+        sock = listening_socket(cfg.host, cfg.port, cfg.backlog, reuse_port=cfg.reuse_port)
         self._listener = sock
         self._accept_task = asyncio.create_task(self._accept_loop(sock))
         log.info("ingress listening", extra={"address": f"{cfg.host}:{self.address[1]}"})

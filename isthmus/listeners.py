@@ -36,6 +36,7 @@ from aiohttp import web
 
 from gateway.admission import ConnectionSlots, Full, RefusalLog, Slot, SlotLimits
 from gateway.ingress import IngressConfig
+from gateway.listen import listening_socket
 from isthmus.config import ApiConfig, Config, ControlConfig, split_host_port
 from isthmus.metrics import LISTENER_CONNECTIONS, LISTENER_REJECTIONS
 
@@ -186,16 +187,7 @@ class LimitedSite(web.BaseSite):
 
     async def start(self) -> None:
         await super().start()
-        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self._host, self._port))
-            sock.listen(self._backlog)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
+        sock = listening_socket(self._host, self._port, self._backlog)
         self._listener = sock
         self._server = _Listening(sock, self._close)  # type: ignore[assignment]
         self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop(sock))
