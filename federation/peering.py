@@ -212,7 +212,9 @@ class PeerLink:
         self._logged = (reason, detail)
         # A peer that is simply not up yet (peers start in any order) is not worth a warning;
         # a refusal, a bad identity or a lost link is.
-        quiet = reason in ("connect", "timeout") and was is not PeerStatus.CONNECTED
+        quiet = (reason in ("connect", "timeout") and was is not PeerStatus.CONNECTED) or (
+            reason == "closed"  # our own stop
+        )
         level = logging.DEBUG if not changed else logging.INFO if quiet else logging.WARNING
         log.log(
             level,
