@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from discovery.errors import Conflict, DiscoveryError, NotFound
 from discovery.health import HealthChecker
 from discovery.model import WorkloadState
 from discovery.schema import StaticWorkload, parse_workload
+from federation.backoff import Backoff
 from federation.routing import RoutingTable, TableHolder, table_from_json, table_to_json
 from federation.trust import PeerVerificationError, SpiffeId, TlsCredentials, verify_peer
 from federation.trust.live import LiveIdentities
@@ -433,11 +433,11 @@ class AgentLink:
         return {w: r.error for w, r in self.registrations.items() if r.state == "refused"}
 
     async def _run(self) -> None:
-        delay = 0.2
+        backoff = Backoff(0.2, self.backoff_max)
         while True:
             try:
                 await self._session()
-                delay = 0.2
+                backoff.reset()
             except asyncio.CancelledError:
                 raise
             except (
@@ -458,8 +458,7 @@ class AgentLink:
                 self.since = time.time()
             self.connected = False
             self._ws = None
-            await asyncio.sleep(random.uniform(0.2, delay))
-            delay = min(self.backoff_max, delay * 2)
+            await asyncio.sleep(backoff.next())
 
     async def _session(self) -> None:
         connector = aiohttp.TCPConnector(ssl=self.credentials.client_context())

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 from prometheus_client import Counter, Gauge
 
+from discovery.addresses import split_host_port
+from federation.backoff import Backoff
 from federation.feed import (
     ExportFeed,
     FeedError,
@@ -228,7 +230,7 @@ class PeerLink:
         )
 
     async def _run(self) -> None:
-        delay = self.backoff_min
+        backoff = Backoff(self.backoff_min, self.backoff_max, self._rng)
         while True:
             try:
                 await self._session()
@@ -245,19 +247,17 @@ class PeerLink:
             except (OSError, ConnectionError) as e:
                 self._down("connect", str(e) or type(e).__name__)
             else:
-                delay = self.backoff_min
+                backoff.reset()
             if self.state.status is PeerStatus.CONNECTED:
-                delay = self.backoff_min
-            # full jitter: spread reconnects of many clusters after a shared outage
-            await asyncio.sleep(self._rng.uniform(self.backoff_min, delay))
-            delay = min(self.backoff_max, delay * 2)
+                backoff.reset()
+            await asyncio.sleep(backoff.next())
 
     async def _session(self) -> None:
-        host, _, port = self.state.address.rpartition(":")
+        host, port = split_host_port(self.state.address)
         td = self.credentials.trust_domain
         conn = await tls_connect(
-            host.strip("[]"),
-            int(port),
+            host,
+            port,
             self.credentials,
             server_hostname=f"federation.{self.state.cluster}.{td}",
             expected_cluster=self.state.cluster,

@@ -23,13 +23,13 @@ from collections.abc import Callable, Coroutine
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
+from discovery.addresses import split_host_port
 from federation.routing import RoutingTable
 from gateway.balancer import Choice, FailureKind, Target
 from gateway.errors import RoutingError, UpstreamError
 from gateway.h1 import BodyKind, H1Error, RequestHead, parse_request_head
 from gateway.h1upstream import Exchange, UpstreamConn, UpstreamKey, UpstreamPool
 from gateway.metrics import Flow, GatewayKind, Outcome, flow
-from gateway.pool import split_host_port
 from gateway.sni import service_sni
 from gateway.vips import Resolved, resolve
 

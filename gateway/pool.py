@@ -27,6 +27,7 @@ import ssl
 import time
 from dataclasses import dataclass
 
+from discovery.addresses import split_host_port
 from federation.trust.errors import TrustError
 from federation.trust.observe import classify, record_failure
 from federation.trust.spiffe import SpiffeId
@@ -36,7 +37,7 @@ from gateway.errors import ConnectFailed
 from gateway.metrics import Outcome
 from gateway.tlsclient import ClientContexts
 
-__all__ = ["PoolConfig", "Tunnel", "TunnelPool", "dial_tunnel", "split_host_port"]
+__all__ = ["PoolConfig", "Tunnel", "TunnelPool", "dial_tunnel"]
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +62,6 @@ class PoolConfig:
             raise ValueError("need size >= 0, max_dials >= 1 and refill_delay >= 0")
         if min(self.max_idle_age, self.cold_after, self.connect_timeout) <= 0:
             raise ValueError("timeouts must be > 0")
-
-
-def split_host_port(address: str) -> tuple[str, int]:
-    """ "host:port" or "[v6]:port" -> (host, port)."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not (port.isascii() and port.isdigit()):
-        raise ValueError(f"{address!r} is not host:port")
-    return host.strip("[]"), int(port)
 
 
 class _Idle(asyncio.Protocol):

@@ -29,6 +29,7 @@ from pydantic import (
     model_validator,
 )
 
+from discovery.addresses import AddressError, split_host_port
 from discovery.durations import format_limit, parse_duration
 from discovery.health import DEFAULT_MAX_PROBES_PER_SECOND
 from discovery.limits import DEFAULT_MIN_CHECK_INTERVAL
@@ -67,10 +68,10 @@ def _listen(value: object) -> str:
     """`HOST:PORT` to listen on: an IP address (or `localhost`) and a port 0-65535."""
     if not isinstance(value, str) or ":" not in value:
         raise ValueError("expected IP:PORT, e.g. 127.0.0.1:15000 or [::1]:15000")
-    host, _, port = value.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not (port.isascii() and port.isdigit()) or int(port) > 65535:
-        raise ValueError("expected IP:PORT with a port from 0 to 65535")
+    try:
+        host, _ = split_host_port(value)
+    except AddressError:
+        raise ValueError("expected IP:PORT with a port from 0 to 65535") from None
     if host != "localhost":
         try:
             ipaddress.ip_address(host)
@@ -83,10 +84,10 @@ def _endpoint(value: object) -> str:
     """`HOST:PORT` to connect to: an IP address or DNS name and a port 1-65535."""
     if not isinstance(value, str) or ":" not in value:
         raise ValueError("expected HOST:PORT")
-    host, _, port = value.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
-        raise ValueError("expected HOST:PORT with a port from 1 to 65535")
+    try:
+        host, _ = split_host_port(value, min_port=1)
+    except AddressError:
+        raise ValueError("expected HOST:PORT with a port from 1 to 65535") from None
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -119,7 +120,7 @@ def _duration_between(minimum: float, maximum: float) -> BeforeValidator:
 
 def _loopback_listen(value: str) -> str:
     """The aiomonitor console has no authentication and can cancel any task: loopback only."""
-    host = value.rpartition(":")[0].strip("[]")
+    host = split_host_port(value)[0]
     if host != "localhost" and not ipaddress.ip_address(host).is_loopback:
         raise ValueError(
             "expected a loopback address (127.0.0.1, [::1] or localhost): the monitor console "
@@ -558,6 +559,3 @@ def local_default(data_dir: str | None = None) -> Config:
     )
 
 
-def split_host_port(value: str) -> tuple[str, int]:
-    host, _, port = value.rpartition(":")
-    return host.strip("[]"), int(port)

@@ -10,12 +10,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
+from discovery.addresses import split_host_port
 from discovery.names import ServiceKey
 from federation.routing import Destination, Endpoint, RoutingTable, ServiceRoute
 from gateway.balancer import Balancer, Target, TargetKind
 from gateway.errors import NoHealthyDestination
 from gateway.http import clean_request_headers, clean_response_headers
-from gateway.pool import split_host_port
 from gateway.probe import ProbeConfig, ProbeState
 from gateway.retry import RetryBudget, RetryPolicy
 from gateway.sni import ProbeSni, parse_sni, probe_sni
