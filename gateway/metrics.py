@@ -25,7 +25,9 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 if TYPE_CHECKING:
     from gateway.balancer import Choice
@@ -44,6 +46,7 @@ __all__ = [
     "Outcome",
     "ejection_listener",
     "flow",
+    "merge_families",
     "record_ejection",
     "record_rejection",
 ]
@@ -216,6 +219,36 @@ class Flow:
             for child, n in zip(durations._buckets, buckets, strict=True):  # would cost the
                 if n:  # same as counting them one by one here
                     child.inc(n)
+
+
+def merge_families(groups: list[list[Metric]]) -> list[Metric]:
+    """Metric families of several processes (the data-plane workers), as one process's.
+
+    Samples with the same name and labels add up: counters, histogram buckets, sums and
+    counts, and gauges (connections open now, listeners, streams: totals over the workers).
+    `_created` timestamps take the earliest. The first process's help text and type win."""
+    merged: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for families in groups:
+        for family in families:
+            if family.name not in merged:
+                merged[family.name] = Metric(family.name, family.documentation, family.type,
+                                             family.unit)  # fmt: skip
+                values[family.name] = {}
+            into = values[family.name]
+            for s in family.samples:
+                key = (s.name, tuple(sorted(s.labels.items())))
+                if key not in into:
+                    into[key] = s.value
+                elif s.name.endswith("_created"):
+                    into[key] = min(into[key], s.value)
+                else:
+                    into[key] += s.value
+    out = []
+    for name, family in merged.items():
+        family.samples = [Sample(n, dict(labels), v) for (n, labels), v in values[name].items()]
+        out.append(family)
+    return out
 
 
 @lru_cache(maxsize=4096)

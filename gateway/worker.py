@@ -2,28 +2,47 @@
 sharing every listener with the others through SO_REUSEPORT (the kernel spreads connections).
 
 The appliance starts them with `WorkerPool` and feeds them over a pipe: routing tables (they
-pickle), "reload your TLS files" after a renewal, and "stop, draining for N seconds". TLS
-material travels as file paths, never through the pipe. Each worker keeps its own balancer
-state (outlier detection is per process, as in Envoy).
+pickle), "reload your TLS files" after a renewal, "send me your metrics", and "stop, draining
+for N seconds". TLS material travels as file paths, never through the pipe. Each worker keeps
+its own balancer state (outlier detection is per process, as in Envoy).
+
+Metrics: every worker counts in its own default registry. At each scrape of the appliance's
+`/metrics` the parent asks every worker for its `isthmus_*` metric families (`scrape`) and
+adds them up with its own (`gateway.metrics.merge_families`): counters and histograms sum,
+so `isthmus_requests_total` is the total over the workers. A worker that does not answer
+within the scrape timeout is left out of that scrape and logged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import multiprocessing
 import multiprocessing.connection
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from prometheus_client import REGISTRY
+from prometheus_client.metrics_core import Metric
 
 from federation.routing import RoutingTable, TableHolder
 from federation.trust.credentials import TlsCredentials
 from federation.trust.pemfiles import load_bundle, load_identity
 from gateway.egress import Egress, EgressConfig
 from gateway.ingress import Ingress, IngressConfig
+from gateway.metrics import merge_families
 
-__all__ = ["ReloadCredentials", "Stop", "TlsPaths", "WorkerPool", "WorkerSpec", "worker_main"]
+__all__ = [
+    "ReloadCredentials",
+    "Scrape",
+    "Stop",
+    "TlsPaths",
+    "WorkerPool",
+    "WorkerSpec",
+    "worker_main",
+]
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +81,28 @@ class Stop:
 
 
 @dataclass(frozen=True, slots=True)
+class Scrape:
+    """Send your metric families back (`_Scraped` with the same `seq`)."""
+
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
 class _Ready:
     index: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Scraped:
+    seq: int
+    index: int
+    families: list[Metric] = field(default_factory=list)
+
+
+def own_families() -> list[Metric]:
+    """This process's `isthmus_*` metric families (collecting also flushes the batched
+    per-request counts of `gateway.metrics`)."""
+    return [m for m in REGISTRY.collect() if m.name.startswith("isthmus_")]
 
 
 def worker_main(spec: WorkerSpec, index: int, conn: multiprocessing.connection.Connection) -> None:
@@ -107,6 +146,8 @@ async def _serve(spec: WorkerSpec, index: int, conn: multiprocessing.connection.
             elif isinstance(message, ReloadCredentials):
                 fresh = spec.tls.load()
                 credentials.update(identity=fresh.identity, bundle=fresh.bundle)
+            elif isinstance(message, Scrape):
+                conn.send(_Scraped(message.seq, index, own_families()))
             elif isinstance(message, Stop):
                 drain = message.drain
                 break
@@ -121,6 +162,21 @@ async def _serve(spec: WorkerSpec, index: int, conn: multiprocessing.connection.
         conn.send(Stop(drain))
 
 
+def _answer(
+    conn: multiprocessing.connection.Connection, seq: int, timeout: float
+) -> _Scraped | None:
+    """The worker's answer to scrape `seq` (older answers, late for a scrape that gave up on
+    them, are skipped); None if none came in time or the pipe broke."""
+    try:
+        while conn.poll(timeout):
+            message = conn.recv()
+            if isinstance(message, _Scraped) and message.seq == seq:
+                return message
+    except (OSError, EOFError):
+        pass
+    return None
+
+
 class WorkerPool:
     """The parent's handle on N worker processes."""
 
@@ -132,6 +188,8 @@ class WorkerPool:
         self._ctx = multiprocessing.get_context("spawn")
         self._procs: list[multiprocessing.process.BaseProcess] = []
         self._conns: list[multiprocessing.connection.Connection] = []
+        self._scrape_lock = asyncio.Lock()
+        self._seq = itertools.count(1)
 
     @property
     def pids(self) -> list[int]:
@@ -158,6 +216,22 @@ class WorkerPool:
 
     def publish(self, table: RoutingTable) -> None:
         self._broadcast(table)
+
+    async def scrape(self, timeout: float = 5.0) -> list[Metric]:
+        """Every worker's `isthmus_*` metric families, added up (see the module docstring)."""
+        async with self._scrape_lock:  # one request-answer round on the pipes at a time
+            seq = next(self._seq)
+            conns = list(self._conns)
+            for conn in conns:
+                with contextlib.suppress(OSError):
+                    conn.send(Scrape(seq))
+            answers = await asyncio.gather(
+                *(asyncio.to_thread(_answer, conn, seq, timeout) for conn in conns)
+            )
+        missing = [i for i, a in enumerate(answers) if a is None]
+        if missing:
+            log.warning("workers did not send metrics", extra={"workers": missing})
+        return merge_families([a.families for a in answers if a is not None])
 
     def reload_credentials(self) -> None:
         self._broadcast(ReloadCredentials())

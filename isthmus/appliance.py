@@ -7,12 +7,14 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import REGISTRY, generate_latest
+from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
 
 from discovery.catalog import Catalog
 from discovery.embedded import EmbeddedCatalog
@@ -55,7 +57,7 @@ from isthmus.listeners import (
     metrics_limits,
     serve_app,
 )
-from isthmus.metrics import CATALOGS
+from isthmus.metrics import CATALOGS, WithWorkers
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +183,9 @@ class Appliance:
             make_app(ctx, cfg.api.max_body), cfg.api.listen, limits=api_limits(cfg.api)
         )
         if cfg.metrics.enabled:
-            self.metrics_address = await self._serve(metrics_app(), cfg.metrics.listen)
+            self.metrics_address = await self._serve(
+                metrics_app(self._worker_metrics), cfg.metrics.listen
+            )
         if self.trust is not None and self.trust.authority is not None:
             issuer = IdentityIssuer(
                 self.trust.authority,
@@ -291,7 +295,9 @@ class Appliance:
         await self._start_egress()
         await self._start_dns()
         if cfg.metrics.enabled:
-            self.metrics_address = await self._serve(metrics_app(), cfg.metrics.listen)
+            self.metrics_address = await self._serve(
+                metrics_app(self._worker_metrics), cfg.metrics.listen
+            )
         self._tasks.append(asyncio.create_task(self.trust.manager.run(), name="identity"))
         self._warn_exposed()
         log.info(
@@ -358,6 +364,10 @@ class Appliance:
         await self.egress_workers.start(self.holder.current)
         self.holder.subscribe(self.egress_workers.publish)
         self._tasks.append(asyncio.create_task(self._follow_renewals(), name="worker-creds"))
+
+    async def _worker_metrics(self) -> list[Metric]:
+        pool = self.egress_workers
+        return await pool.scrape() if pool is not None else []
 
     async def _follow_renewals(self) -> None:
         assert self.trust is not None and self.egress_workers is not None
@@ -557,15 +567,23 @@ class Appliance:
             log.info("appliance stopped")
 
 
-async def _metrics(_: web.Request) -> web.Response:
-    return web.Response(
-        body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
-    )
+WorkerMetrics = Callable[[], Awaitable[list[Metric]]]
 
 
-def metrics_app() -> web.Application:
+async def _no_workers() -> list[Metric]:
+    return []
+
+
+def metrics_app(workers: WorkerMetrics = _no_workers) -> web.Application:
+    """`/metrics`: this process's registry, with the data-plane workers' metrics added in
+    (`workers: N`; each worker counts in its own process)."""
+
+    async def handle(_: web.Request) -> web.Response:
+        body = generate_latest(WithWorkers(await workers()))
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
     app = web.Application()
-    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/metrics", handle)
     return app
 
 
