@@ -46,10 +46,10 @@ from federation.trust.ca import create_cluster_ca, create_root, issue_identity
 from federation.trust.pemfiles import certs_pem, key_pem, write_bundle
 from gateway.egress import EgressConfig
 from gateway.ingress import IngressConfig
-from gateway.pool import PoolConfig
+from gateway.l4.pool import PoolConfig
+from gateway.l4.relay import RelayConfig
 from gateway.probe import ProbeConfig
-from gateway.relay import RelayConfig
-from gateway.sni import service_sni
+from gateway.proto.sni import service_sni
 from gateway.worker import TlsPaths, WorkerPool, WorkerSpec
 
 TD = "mesh.bench"

@@ -177,9 +177,8 @@ def register(name: str, multiple: bool = False) -> Callable[[SetupFunc], SetupFu
 
 
 def build_chain(setup: Setup) -> tuple[Handler | None, list[Plugin]]:
-    """Set up the block's plugins in registry order and fold them into a chain from the end."""
-    import dns.plugins  # noqa: F401  (registers the built-in plugins)
-
+    """Set up the block's plugins in registry order and fold them into a chain from the end.
+    The built-in plugins register when `dns.plugins` is imported (dns/server.py does)."""
     by_name: dict[str, list[Directive]] = {}
     for d in setup.block.directives:
         info = REGISTRY.get(d.name)

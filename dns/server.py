@@ -20,6 +20,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import dns.plugins  # noqa: F401  (registers the built-in plugins: before any chain is built)
 from discovery.addresses import AddressError, split_host_port
 from dns.corefile import ServerBlock, parse_corefile
 from dns.defaults import RESOLV_CONF, default_corefile

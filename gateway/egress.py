@@ -9,7 +9,7 @@ An L4 connection learns its service from its local address (`table.by_vip`), the
 - A local endpoint: a plain TCP connection and a zero-copy splice relay.
 - A remote cluster: a stream on a multiplexed mutual-TLS tunnel to its ingress
   (`tunnelclient.TunnelClient`, `multiplex: true`, the default), or a TLS connection of its
-  own with the service SNI taken from a warm pool (`pool.TunnelPool`, `multiplex: false`);
+  own with the service SNI taken from a warm pool (`l4.pool.WarmPool`, `multiplex: false`);
   relayed with asyncio Protocols.
 A failed connect is reported to the balancer (outlier detection) and the next attempt avoids
 the targets already tried. An L7 listener is served by `http.HttpProxy`.
@@ -42,17 +42,17 @@ from federation.trust.credentials import TlsCredentials
 from gateway.balancer import Balancer, Choice, FailureKind, Target
 from gateway.budget import BUDGET, LISTENERS, SKIPPED, listener_budget
 from gateway.errors import ConnectFailed, RoutingError
-from gateway.h1proxy import FastServer
-from gateway.http import HttpConfig, HttpProxy
+from gateway.l4.pool import PoolConfig, WarmPool
+from gateway.l4.relay import ProtocolRelay, RelayConfig, RelayOutcome, SpliceRelay, splice_supported
+from gateway.l7.h1proxy import FastServer
+from gateway.l7.http import HttpConfig, HttpProxy
 from gateway.listen import listening_socket
 from gateway.metrics import GatewayKind, Outcome, ejection_listener, flow, record_rejection
-from gateway.pool import PoolConfig, TunnelPool
 from gateway.probe import GatewayProber, ProbeConfig
-from gateway.relay import ProtocolRelay, RelayConfig, RelayOutcome, SpliceRelay, splice_supported
-from gateway.sni import service_sni
+from gateway.proto.sni import service_sni
 from gateway.tlsclient import ClientContexts
-from gateway.tunnel import MuxConfig
-from gateway.tunnelclient import TunnelClient
+from gateway.tunnel.client import TunnelClient
+from gateway.tunnel.transport import MuxConfig
 from gateway.vips import ListenerSpec, Mode, Resolved, fit_budget, resolve, wanted_listeners
 
 __all__ = ["Egress", "EgressConfig"]
@@ -121,7 +121,7 @@ class Egress:
         self._source = source_cluster
         self.balancer = balancer or Balancer(on_eject=ejection_listener(self.source_cluster))
         self.contexts = ClientContexts(credentials)
-        self.pool = TunnelPool(config.pool, self.contexts)
+        self.pool = WarmPool(config.pool, self.contexts)
         self.tunnels = TunnelClient(
             config.mux, self.contexts, config.connect_timeout, config.handshake_timeout
         )

@@ -43,7 +43,11 @@ from federation.trust.spiffe import SpiffeId
 from federation.trust.verify import verify_peer
 from gateway.admission import ConnectionSlots, Full, RefusalLog, Slot, SlotLimits
 from gateway.balancer import Balancer, Choice, FailureKind, Target
-from gateway.clienthello import (
+from gateway.errors import RoutingError, SniError
+from gateway.l4.relay import ProtocolRelay, RelayConfig, RelayOutcome
+from gateway.listen import listening_socket
+from gateway.metrics import GatewayKind, Outcome, flow, record_rejection
+from gateway.proto.clienthello import (
     MAX_CLIENT_HELLO,
     MAX_RECORDS,
     NEED_MORE,
@@ -52,12 +56,8 @@ from gateway.clienthello import (
     RejectReason,
     parse_client_hello,
 )
-from gateway.errors import RoutingError, SniError
-from gateway.listen import listening_socket
-from gateway.metrics import GatewayKind, Outcome, flow, record_rejection
-from gateway.relay import ProtocolRelay, RelayConfig, RelayOutcome
-from gateway.sni import FederationSni, ProbeSni, ServiceSni, TunnelSni, parse_sni
-from gateway.tunnel import MuxConfig, MuxConnection, MuxStream
+from gateway.proto.sni import FederationSni, ProbeSni, ServiceSni, TunnelSni, parse_sni
+from gateway.tunnel.transport import MuxConfig, MuxConnection, MuxStream
 
 __all__ = ["FederationHandler", "Ingress", "IngressConfig"]
 

@@ -33,7 +33,7 @@ from federation.trust.spiffe import Kind
 from gateway.budget import ListenerAdmission, listener_budget, open_file_limit, raise_nofile_limit
 from gateway.egress import Egress, EgressConfig
 from gateway.ingress import Ingress
-from gateway.tunnel import MuxConfig
+from gateway.tunnel.transport import MuxConfig
 from gateway.worker import TlsPaths, WorkerPool, WorkerSpec
 from isthmus import config as configmod
 from isthmus import logs

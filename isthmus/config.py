@@ -164,15 +164,19 @@ PathStr = Annotated[StrictStr, Field(min_length=1)]
 
 
 class _Section(BaseModel):
+    """One section of the YAML file (`ingress:`, `egress:` ...): named `*Section`, so that it is
+    never confused with the data plane's `*Config` dataclasses (`gateway.ingress.IngressConfig`
+    ...), which the appliance builds from the sections."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class LocalityConfig(_Section):
+class LocalitySection(_Section):
     region: StrictStr = ""
     zone: StrictStr = ""
 
 
-class TrustConfig(_Section):
+class TrustSection(_Section):
     bundle: PathStr = "/etc/isthmus/pki/bundle.pem"
     ca_cert: PathStr = "/etc/isthmus/pki/cluster-ca.pem"
     ca_key: PathStr = "/etc/isthmus/pki/cluster-ca.key"
@@ -200,14 +204,14 @@ class _HttpListener(_Section):
     max_connections_per_source: Count = 64  # an IPv4 address or an IPv6 /64
 
 
-class ApiConfig(_HttpListener):
+class ApiSection(_HttpListener):
     listen: Listen = "127.0.0.1:15000"
     token_file: PathStr = "/etc/isthmus/api-token"
     tokens: list[ApiToken] = []  # extra, narrower tokens (the token_file one is admin)
     max_body: Annotated[StrictInt, Field(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
 
 
-class ControlConfig(_HttpListener):
+class ControlSection(_HttpListener):
     listen: Listen = "0.0.0.0:15012"
     # After a restart of the control node, agents get this long to reconnect before their
     # workloads are held critical.
@@ -221,17 +225,17 @@ class ControlConfig(_HttpListener):
     max_connections_per_source: Count = 32
 
 
-class AgentConfig(_Section):
+class AgentSection(_Section):
     control: HostPort | None = None
     bootstrap_token_file: PathStr = "/etc/isthmus/bootstrap-token"
 
 
-class MetricsConfig(_Section):
+class MetricsSection(_Section):
     listen: Listen = "0.0.0.0:15090"
     enabled: StrictBool = True
 
 
-class IngressConfig(_Section):
+class IngressSection(_Section):
     listen: Listen = "0.0.0.0:15443"
     public_address: HostPort | None = None
     # Connections before their relay ("pending": ClientHello, handshake, endpoint connect) are
@@ -245,7 +249,7 @@ class IngressConfig(_Section):
     peer_sources: list[Network] = []  # peers' source addresses, beyond federation.peers
 
     @model_validator(mode="after")
-    def _deadlines(self) -> IngressConfig:
+    def _deadlines(self) -> IngressSection:
         if self.client_hello_timeout >= self.handshake_timeout:
             raise ValueError(
                 f"client_hello_timeout ({self.client_hello_timeout:g}s) must be shorter than "
@@ -254,7 +258,7 @@ class IngressConfig(_Section):
         return self
 
 
-class EgressConfig(_Section):
+class EgressSection(_Section):
     vip_cidr: Cidr = "127.240.0.0/16"
     # Remote clusters through multiplexed tunnels (streams on a few mutual-TLS connections per
     # remote ingress); false gives every client connection a TLS connection of its own.
@@ -284,21 +288,21 @@ def _corefile(value: object) -> object:
         ) from None
 
 
-class DnsConfig(_Section):
+class DnsSection(_Section):
     listen: Listen = "0.0.0.0:53"
     # The Corefile's text, or the path of a file holding it.
     corefile: Annotated[StrictStr, BeforeValidator(_corefile)] | None = None
 
 
-class ConsulConfig(_Section):
+class ConsulSection(_Section):
     address: StrictStr = "http://127.0.0.1:8500"
     token_file: PathStr | None = None
     datacenter: StrictStr | None = None
 
 
-class DiscoveryConfig(_Section):
+class DiscoverySection(_Section):
     backend: Literal["embedded", "consul"] = "embedded"
-    consul: ConsulConfig = ConsulConfig()
+    consul: ConsulSection = ConsulSection()
     workloads: list[StaticWorkload] = []
     max_concurrent_checks: Annotated[StrictInt, Field(ge=1, le=100000)] = 1024
     # No check runs more often than this; registrations asking for more are refused (422).
@@ -309,7 +313,7 @@ class DiscoveryConfig(_Section):
     )
 
     @model_validator(mode="after")
-    def _unique_ids(self) -> DiscoveryConfig:
+    def _unique_ids(self) -> DiscoverySection:
         seen: set[str] = set()
         for w in self.workloads:
             if w.id in seen:
@@ -318,22 +322,22 @@ class DiscoveryConfig(_Section):
         return self
 
 
-class PeerConfig(_Section):
+class PeerSection(_Section):
     cluster: Label
     address: HostPort
 
 
-class FederationConfig(_Section):
-    peers: list[PeerConfig] = []
+class FederationSection(_Section):
+    peers: list[PeerSection] = []
     export: list[ExportGlob] = ["*.default"]
 
 
-class MonitorConfig(_Section):
+class MonitorSection(_Section):
     enabled: StrictBool = False
     listen: LoopbackListen = "127.0.0.1:20101"
 
 
-class LogConfig(_Section):
+class LogSection(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "json"
 
@@ -342,23 +346,23 @@ class Config(_Section):
     cluster: Label
     trust_domain: DnsName
     node: Label = Field(default_factory=lambda: _default_node())
-    locality: LocalityConfig = LocalityConfig()
+    locality: LocalitySection = LocalitySection()
     roles: list[Literal["control", "ingress", "egress", "dns", "agent"]] = Field(
         default=["control"], min_length=1
     )
     data_dir: PathStr = "/var/lib/isthmus"
-    trust: TrustConfig = TrustConfig()
-    api: ApiConfig = ApiConfig()
-    control: ControlConfig = ControlConfig()
-    agent: AgentConfig = AgentConfig()
-    metrics: MetricsConfig = MetricsConfig()
-    ingress: IngressConfig = IngressConfig()
-    egress: EgressConfig = EgressConfig()
-    dns: DnsConfig = DnsConfig()
-    discovery: DiscoveryConfig = DiscoveryConfig()
-    federation: FederationConfig = FederationConfig()
-    monitor: MonitorConfig = MonitorConfig()
-    log: LogConfig = LogConfig()
+    trust: TrustSection = TrustSection()
+    api: ApiSection = ApiSection()
+    control: ControlSection = ControlSection()
+    agent: AgentSection = AgentSection()
+    metrics: MetricsSection = MetricsSection()
+    ingress: IngressSection = IngressSection()
+    egress: EgressSection = EgressSection()
+    dns: DnsSection = DnsSection()
+    discovery: DiscoverySection = DiscoverySection()
+    federation: FederationSection = FederationSection()
+    monitor: MonitorSection = MonitorSection()
+    log: LogSection = LogSection()
     workers: Annotated[StrictInt, Field(ge=1, le=256)] = 1
     drain_timeout: DrainTimeout = 10.0
 
@@ -438,7 +442,7 @@ def validate(raw: object, source: str = "config") -> Config:
     return cfg
 
 
-def _below_check_floor(d: DiscoveryConfig) -> list[str]:
+def _below_check_floor(d: DiscoverySection) -> list[str]:
     """Static workloads meet `discovery.min_check_interval` like API registrations do."""
     floor = d.min_check_interval
     problems = []

@@ -27,7 +27,7 @@ from federation.trust.credentials import TlsCredentials
 from gateway.balancer import Balancer, OutlierPolicy
 from gateway.egress import Egress, EgressConfig
 from gateway.ingress import Ingress, IngressConfig
-from gateway.relay import RelayConfig
+from gateway.l4.relay import RelayConfig
 
 TD = "mesh.test"
 SERVICE = ServiceKey("reviews")

@@ -15,10 +15,10 @@ from discovery.names import ServiceKey
 from federation.routing import Destination, Endpoint, RoutingTable, ServiceRoute
 from gateway.balancer import Balancer, Target, TargetKind
 from gateway.errors import NoHealthyDestination
-from gateway.http import clean_request_headers, clean_response_headers
+from gateway.l7.http import clean_request_headers, clean_response_headers
 from gateway.probe import ProbeConfig, ProbeState
+from gateway.proto.sni import ProbeSni, parse_sni, probe_sni
 from gateway.retry import RetryBudget, RetryPolicy
-from gateway.sni import ProbeSni, parse_sni, probe_sni
 from gateway.vips import Mode, port_mode, resolve, wanted_listeners
 
 

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from gw_topology import HTTP_PORT, WEST_ONLY_VIP, Pki, topology
 
-from gateway.h1 import BodyKind, BodyScanner, parse_response_head
+from gateway.proto.h1 import BodyKind, BodyScanner, parse_response_head
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.h1 import (
+from gateway.proto.h1 import (
     BodyKind,
     BodyScanner,
     H1Error,
@@ -239,7 +239,7 @@ def test_fast_field_scan_decides_like_the_line_parser(
     line-by-line parser (forced here by patterns that never match) give the same heads."""
     import re
 
-    import gateway.h1 as h1
+    import gateway.proto.h1 as h1
 
     block = b"".join(n + b": " + v + b"\r\n" for n, v in fields)
     request = request_line + b"\r\n" + block + b"\r\n"

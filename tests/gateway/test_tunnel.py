@@ -1,4 +1,4 @@
-"""Multiplexed tunnels (`gateway.tunnel`) over real mutual TLS on loopback (127.78.1.x).
+"""Multiplexed tunnels (`gateway.tunnel.transport`) over real mutual TLS on loopback (127.78.1.x).
 
 The egress side is a `MuxConnection(server=False)` that opens streams, the ingress side a
 `MuxConnection(server=True)` whose `on_open` handler answers them (an echo in the test, or a
@@ -23,11 +23,11 @@ from gw_topology import TD, Pki
 
 from federation.trust.contexts import client_context, server_context
 from gateway.errors import StreamReset
-from gateway.mux import HEADER, MAX_TARGET, FrameDecoder, FrameType, encode, parse_reset
-from gateway.mux import window_payload as window
-from gateway.relay import ProtocolRelay, RelayConfig, RelayOutcome
-from gateway.sni import tunnel_sni
-from gateway.tunnel import MuxConfig, MuxConnection, MuxStream
+from gateway.l4.relay import ProtocolRelay, RelayConfig, RelayOutcome
+from gateway.proto.mux import HEADER, MAX_TARGET, FrameDecoder, FrameType, encode, parse_reset
+from gateway.proto.mux import window_payload as window
+from gateway.proto.sni import tunnel_sni
+from gateway.tunnel.transport import MuxConfig, MuxConnection, MuxStream
 
 pytestmark = pytest.mark.timeout(60)
 

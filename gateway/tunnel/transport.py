@@ -1,4 +1,4 @@
-"""Multiplexed tunnels, the I/O shell of `gateway.mux`: many streams on one TLS connection.
+"""Multiplexed tunnels, the I/O shell of `gateway.proto.mux`: many streams on one TLS connection.
 
 `MuxConnection` is the asyncio Protocol of one established, verified mutual-TLS connection
 between an egress (`server=False`, opens streams) and an ingress (`server=True`, accepts them).
@@ -36,7 +36,7 @@ from prometheus_client.registry import Collector
 
 from gateway.closing import abort_transport, close_transport
 from gateway.errors import StreamReset
-from gateway.mux import (
+from gateway.proto.mux import (
     DEFAULT_MAX_PAYLOAD,
     HEADER,
     MAX_TARGET,

@@ -27,16 +27,15 @@ from discovery.addresses import split_host_port
 from federation.routing import RoutingTable
 from gateway.balancer import Choice, FailureKind, Target
 from gateway.errors import RoutingError, UpstreamError
-from gateway.h1 import BodyKind, H1Error, RequestHead, parse_request_head
-from gateway.h1upstream import Exchange, UpstreamConn, UpstreamKey, UpstreamPool
+from gateway.l7.upstream import Exchange, UpstreamConn, UpstreamKey, UpstreamPool
 from gateway.metrics import Flow, GatewayKind, Outcome, flow
-from gateway.sni import service_sni
+from gateway.proto.h1 import BodyKind, H1Error, RequestHead, parse_request_head
+from gateway.proto.sni import service_sni
 from gateway.vips import Resolved, resolve
 
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from gateway.http import HttpProxy
 
 __all__ = ["FastServer", "error_response"]
 
@@ -264,7 +263,7 @@ class FastServer:
 
     def __init__(
         self,
-        proxy: HttpProxy,
+        proxy: Any,  # gateway.l7.http.HttpProxy (not imported: no cycle)
         upstreams: UpstreamPool,
         fallback: Callable[[], web.Server],
     ) -> None:

@@ -1,8 +1,8 @@
 """Keep-alive HTTP/1.1 connections from the egress to destinations, for the L7 fast path.
 
 An `UpstreamConn` is an asyncio Protocol on a plain TCP connection (local endpoint), on a
-stream of a multiplexed tunnel to a remote ingress (`tunnelclient.TunnelClient`), or on a
-mutual-TLS connection of its own to that ingress (`pool.dial_tunnel`, with session resumption).
+stream of a multiplexed tunnel to a remote ingress (`tunnel.client.TunnelClient`), or on a
+gateway connection of its own to that ingress (`tlsclient.dial_gateway`, with resumption).
 It carries one `Exchange` (request -> response) at a time; the response head is parsed with
 `h1.parse_response_head` and the body's end found with `h1.BodyScanner`, so the connection can
 go back to the `UpstreamPool` as soon as the response is complete. Body bytes are either
@@ -19,11 +19,10 @@ import time
 from typing import NamedTuple, Protocol
 
 from gateway.errors import ConnectFailed, UpstreamError
-from gateway.h1 import BodyKind, BodyScanner, H1Error, ResponseHead, parse_response_head
 from gateway.metrics import Outcome
-from gateway.pool import dial_tunnel
-from gateway.tlsclient import ClientContexts
-from gateway.tunnelclient import TunnelClient
+from gateway.proto.h1 import BodyKind, BodyScanner, H1Error, ResponseHead, parse_response_head
+from gateway.tlsclient import ClientContexts, dial_gateway
+from gateway.tunnel.client import TunnelClient
 
 __all__ = ["Exchange", "UpstreamClosed", "UpstreamConn", "UpstreamKey", "UpstreamPool"]
 
@@ -372,7 +371,7 @@ class UpstreamPool:
             return conn
         if key.gateway is not None:
             assert key.sni is not None and key.cluster is not None
-            tunnel = await dial_tunnel(
+            tunnel = await dial_gateway(
                 self.contexts, key.gateway, key.sni, key.cluster,
                 self.connect_timeout, self.handshake_timeout,
             )  # fmt: skip

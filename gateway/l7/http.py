@@ -30,13 +30,13 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from federation.routing import TableHolder
 from gateway.balancer import Balancer, Choice, FailureKind, Target
 from gateway.errors import RoutingError
-from gateway.h1proxy import FastServer
-from gateway.h1upstream import UpstreamPool
+from gateway.l7.h1proxy import FastServer
+from gateway.l7.upstream import UpstreamPool
 from gateway.metrics import Flow, GatewayKind, Outcome, flow
+from gateway.proto.sni import service_sni
 from gateway.retry import RetryBudget, RetryPolicy
-from gateway.sni import service_sni
 from gateway.tlsclient import ClientContexts
-from gateway.tunnelclient import TunnelClient
+from gateway.tunnel.client import TunnelClient
 from gateway.vips import resolve
 
 __all__ = ["HttpConfig", "HttpProxy", "clean_request_headers", "clean_response_headers"]
