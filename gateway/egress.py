@@ -12,7 +12,7 @@ An L4 connection learns its service from its local address (`table.by_vip`), the
   own with the service SNI taken from a warm pool (`l4.pool.WarmPool`, `multiplex: false`);
   relayed with asyncio Protocols.
 A failed connect is reported to the balancer (outlier detection) and the next attempt avoids
-the targets already tried. An L7 listener is served by `http.HttpProxy`.
+the targets already tried. An L7 listener is served by the HTTP/1.1 engine (`l7.shell`).
 
 Listeners are file descriptors: the egress opens at most `max_listeners` of them (by default a
 quarter of the open-file limit, `budget.listener_budget`); what the table wants beyond that is
@@ -35,8 +35,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from aiohttp import web
-
 from federation.routing import IPAddress, RoutingTable, TableHolder
 from federation.trust.credentials import TlsCredentials
 from gateway.balancer import Balancer, Choice, FailureKind, Target
@@ -44,8 +42,8 @@ from gateway.budget import BUDGET, LISTENERS, SKIPPED, listener_budget
 from gateway.errors import ConnectFailed, RoutingError
 from gateway.l4.pool import PoolConfig, WarmPool
 from gateway.l4.relay import ProtocolRelay, RelayConfig, RelayOutcome, SpliceRelay, splice_supported
-from gateway.l7.h1proxy import FastServer
-from gateway.l7.http import HttpConfig, HttpProxy
+from gateway.l7.config import HttpConfig
+from gateway.l7.shell import H1Server, H1Shell
 from gateway.listen import listening_socket
 from gateway.metrics import GatewayKind, Outcome, ejection_listener, flow, record_rejection
 from gateway.probe import GatewayProber, ProbeConfig
@@ -102,7 +100,7 @@ class _Listener:
     sock: socket.socket
     accept_task: asyncio.Task[None] | None = None
     server: asyncio.AbstractServer | None = None  # L7
-    http: FastServer | web.Server | None = None
+    http: H1Server | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
@@ -128,7 +126,7 @@ class Egress:
         self.prober = GatewayProber(
             config.probe, self.contexts, self.balancer, on_change=self._probe_changed
         )
-        self.http = HttpProxy(
+        self.http = H1Shell(
             config.http,
             tables,
             self.balancer,

@@ -1,13 +1,11 @@
-"""Keep-alive HTTP/1.1 connections from the egress to destinations, for the L7 fast path.
+"""Keep-alive HTTP/1.1 connections from the egress to destinations, for the L7 shell.
 
 An `UpstreamConn` is an asyncio Protocol on a plain TCP connection (local endpoint), on a
 stream of a multiplexed tunnel to a remote ingress (`tunnel.client.TunnelClient`), or on a
 gateway connection of its own to that ingress (`tlsclient.dial_gateway`, with resumption).
-It carries one `Exchange` (request -> response) at a time; the response head is parsed with
-`h1.parse_response_head` and the body's end found with `h1.BodyScanner`, so the connection can
-go back to the `UpstreamPool` as soon as the response is complete. Body bytes are either
-collected (small responses: the proxy may still retry) or written straight to the client's
-transport as they arrive, with back-pressure both ways.
+It only passes bytes and ends to its owner (`shell._Client`, which feeds them to its engine):
+what they mean is the engine's business. Between requests it waits in the `UpstreamPool`,
+which drops it when it closes or speaks unasked.
 """
 
 from __future__ import annotations
@@ -16,233 +14,31 @@ import asyncio
 import collections
 import contextlib
 import time
-from typing import NamedTuple, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
-from gateway.errors import ConnectFailed, UpstreamError
+from gateway.closing import abort_transport, close_transport
+from gateway.errors import ConnectFailed
+from gateway.l7.engine import UpstreamKey
 from gateway.metrics import Outcome
-from gateway.proto.h1 import BodyKind, BodyScanner, H1Error, ResponseHead, parse_response_head
 from gateway.tlsclient import ClientContexts, dial_gateway
 from gateway.tunnel.client import TunnelClient
 
-__all__ = ["Exchange", "UpstreamClosed", "UpstreamConn", "UpstreamKey", "UpstreamPool"]
+__all__ = ["Owner", "UpstreamConn", "UpstreamKey", "UpstreamPool"]
 
 
-class UpstreamClosed(UpstreamError):
-    """The destination closed or broke the connection before the response was complete."""
+class Owner(Protocol):
+    """Who an upstream connection in use reports to (the client connection it serves)."""
 
-
-class UpstreamKey(NamedTuple):  # a dict key on every request: hashed in C
-    host: str
-    port: int
-    gateway: str | None = None  # "host:port" of a remote ingress (TLS), None for plain TCP
-    sni: str | None = None
-    cluster: str | None = None
-    trust_domain: str | None = None
-
-
-class Listener(Protocol):
-    """Callbacks of an exchange driven without a task (`h1proxy` fast path)."""
-
-    def on_head(self, ex: Exchange) -> None: ...
-    def on_done(self, ex: Exchange, complete: bool) -> None: ...
-    def on_fail(self, ex: Exchange, exc: Exception) -> None: ...
-
-
-class Exchange:
-    """One request and its response on an `UpstreamConn`.
-
-    Awaited through `head_ready` / `collect` / `stream_to`, or, with a `listener`, driven by
-    its callbacks (no futures, no task): `on_head` once the head is parsed, `on_done` when the
-    body is complete (or cut short), `on_fail` when the response broke before its end."""
-
-    __slots__ = (
-        "_loop", "_parts", "_sink", "body_done", "buf", "conn", "extra", "finished", "head",
-        "head_ready", "listener", "method", "received", "scanner",
-    )  # fmt: skip
-
-    def __init__(
-        self,
-        conn: UpstreamConn,
-        method: str,
-        loop: asyncio.AbstractEventLoop,
-        listener: Listener | None = None,
-    ) -> None:
-        self.conn = conn
-        self.method = method
-        self._loop = loop
-        self.listener = listener
-        self.buf = bytearray()
-        self.head: ResponseHead | None = None
-        self.finished: bool | None = None  # True: body complete, False: cut short
-        if listener is None:
-            self.head_ready: asyncio.Future[ResponseHead] = loop.create_future()
-            self.body_done: asyncio.Future[bool] = loop.create_future()  # True: complete
-        self.scanner: BodyScanner | None = None
-        self._parts: list[bytes] = []
-        self._sink: asyncio.Transport | None = None
-        self.received = 0  # body bytes
-        self.extra = False  # bytes beyond the response: the connection cannot be reused
-
-    # --- fed by the protocol --------------------------------------------------------------
-
-    def feed(self, data: bytes) -> None:
-        if self.head is None:
-            # Usually the whole head (and body) is in this one chunk: parse it where it is.
-            src: bytes | bytearray = data
-            if self.buf:
-                self.buf += data
-                src = self.buf
-            try:
-                while True:
-                    head = parse_response_head(src, self.method)
-                    if head is None:
-                        if src is data:
-                            self.buf = bytearray(data)
-                        return
-                    if head.interim and head.status != 101:
-                        if src is data:
-                            src = self.buf = bytearray(data)
-                        del self.buf[: head.size]  # 100 Continue, 103 Early Hints: skip
-                        continue
-                    break
-            except H1Error as err:
-                self.fail(err)
-                return
-            self.head = head
-            rest = bytes(src[head.size :])
-            if src is not data:
-                self.buf = bytearray()
-            self.scanner = BodyScanner(head.body, head.length)
-            if head.status == 101:  # we never ask for an upgrade: do not reuse
-                self.extra = True
-            if self.listener is not None:
-                self.listener.on_head(self)
-                if self.finished is not None:  # the listener gave up on the exchange
-                    return
-            elif not self.head_ready.done():
-                self.head_ready.set_result(head)
-            if rest or self.scanner.done:
-                self._body(rest)
-            return
-        self._body(data)
-
-    def _body(self, data: bytes) -> None:
-        scanner = self.scanner
-        assert scanner is not None
-        if scanner.done:
-            if data:
-                self.extra = True
-            self._finish(True)
-            return
-        try:
-            n = scanner.scan(data)
-        except H1Error as err:
-            self.fail(err)
-            return
-        if n < len(data):
-            self.extra = True
-            data = data[:n]
-        if data:
-            self.received += len(data)
-            if self._sink is not None:
-                self._sink.write(data)
-            else:
-                self._parts.append(data)
-        if scanner.done:
-            self._finish(True)
-
-    @property
-    def over(self) -> bool:
-        if self.listener is not None:
-            return self.finished is not None
-        return self.body_done.done()
-
-    def eof(self) -> None:
-        scanner = self.scanner
-        if scanner is not None and scanner.kind is BodyKind.UNTIL_CLOSE:
-            scanner.done = True
-            self.extra = True  # not reusable: the body ended with the connection
-            self._finish(True)
-        else:
-            self.fail(UpstreamClosed("the destination closed before the response was complete"))
-
-    def fail(self, exc: Exception) -> None:
-        self.extra = True
-        if self.listener is not None:
-            if self.finished is None:
-                self.finished = False
-                self.listener.on_fail(self, exc)
-            self.conn.abort()
-            return
-        if not self.head_ready.done():
-            self.head_ready.set_exception(exc)
-            self.head_ready.exception()  # retrieved: the proxy may be gone already
-        if not self.body_done.done():
-            self.body_done.set_result(False)
-        self.conn.abort()
-
-    def _finish(self, ok: bool) -> None:
-        if self.listener is not None:
-            if self.finished is None:
-                self.finished = ok
-                self.listener.on_done(self, ok)
-            return
-        if not self.body_done.done():
-            self.body_done.set_result(ok)
-
-    def abandon(self) -> None:
-        """Listener mode: the proxy gives up on this response (e.g. a 5xx it will retry)."""
-        self.extra = True
-        if self.finished is None:
-            self.finished = False
-
-    def take_body(self) -> bytes:
-        """The collected body (listener mode, once `on_done` said it is complete)."""
-        parts, self._parts = self._parts, []
-        if not parts:
-            return b""
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def set_sink(self, sink: asyncio.Transport | None) -> None:
-        """Write body bytes (those collected so far, then the rest) straight to `sink`."""
-        if sink is not None and self._parts:
-            sink.writelines(self._parts)
-            self._parts = []
-        self._sink = sink
-
-    # --- used by the proxy ------------------------------------------------------------------
-
-    async def collect(self) -> bytes:
-        """The whole body (raises UpstreamClosed if it was cut short)."""
-        if not await self.body_done:
-            raise UpstreamClosed("the response body was cut short")
-        parts, self._parts = self._parts, []
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    async def stream_to(self, sink: asyncio.Transport) -> bool:
-        """Write the body to `sink` as it arrives; True once complete, False if cut short."""
-        if self._parts:
-            sink.writelines(self._parts)
-            self._parts = []
-        self._sink = sink
-        try:
-            return await self.body_done
-        finally:
-            self._sink = None
-
-    @property
-    def reusable(self) -> bool:
-        head = self.head
-        if head is None or not head.keep_alive or self.extra:
-            return False
-        if self.listener is not None:
-            return self.finished is True
-        return self.body_done.done() and self.body_done.result()
+    def upstream_data(self, data: bytes) -> None: ...
+    def upstream_eof(self) -> bool: ...
+    def upstream_lost(self, exc: Exception | None) -> None: ...
+    def upstream_writable(self, writable: bool) -> None: ...
 
 
 class UpstreamConn(asyncio.Protocol):
     __slots__ = (
-        "exchange", "generation", "idle_since", "key", "loop", "lost", "on_idle_lost", "paused",
+        "generation", "idle_since", "key", "lost", "on_idle_lost", "owner", "paused",
         "transport",
     )  # fmt: skip
 
@@ -250,51 +46,52 @@ class UpstreamConn(asyncio.Protocol):
         self.key = key
         self.generation = generation
         self.transport: asyncio.Transport | None = None
-        self.exchange: Exchange | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
+        self.owner: Owner | None = None
         self.paused = False
         self.lost = False
         self.idle_since = 0.0
-        self.on_idle_lost: collections.abc.Callable[[UpstreamConn], None] | None = None
+        self.on_idle_lost: Callable[[UpstreamConn], None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        ex = self.exchange
-        if ex is None:  # nothing was asked: the stream is out of step, drop it
+        owner = self.owner
+        if owner is None:  # nothing was asked: the stream is out of step, drop it
             self.abort()
             return
-        ex.feed(data)
+        owner.upstream_data(data)
 
     def eof_received(self) -> bool:
-        ex = self.exchange
-        if ex is not None:
-            ex.eof()
-        return False
+        owner = self.owner
+        return owner.upstream_eof() if owner is not None else False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
-        ex = self.exchange
-        if ex is not None and not ex.over:
-            if ex.scanner is not None and ex.scanner.kind is BodyKind.UNTIL_CLOSE and exc is None:
-                ex.eof()
-            else:
-                ex.fail(UpstreamClosed(f"connection lost: {exc!r}" if exc else "connection lost"))
-        elif ex is None and self.on_idle_lost is not None:
+        owner = self.owner
+        if owner is not None:
+            self.owner = None
+            owner.upstream_lost(exc)
+        elif self.on_idle_lost is not None:
             self.on_idle_lost(self)
 
-    def start(self, method: str, data: bytes, listener: Listener | None = None) -> Exchange:
-        """Send one request (head and buffered body) and return its exchange."""
-        assert self.transport is not None and self.exchange is None
-        # The loop is looked up once per connection: asyncio.get_running_loop() costs a getpid()
-        # system call per call in CPython 3.11, which on this machine kind is several us.
-        loop = self.loop
-        if loop is None:
-            loop = self.loop = asyncio.get_running_loop()
-        ex = self.exchange = Exchange(self, method, loop, listener)
-        self.transport.write(data)
-        return ex
+    def pause_writing(self) -> None:
+        if self.owner is not None:
+            self.owner.upstream_writable(False)
+
+    def resume_writing(self) -> None:
+        if self.owner is not None:
+            self.owner.upstream_writable(True)
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None:
+            transport.write(data)
+
+    def write_eof(self) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing() and transport.can_write_eof():
+            transport.write_eof()
 
     def pause_reading(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -308,7 +105,12 @@ class UpstreamConn(asyncio.Protocol):
 
     def abort(self) -> None:
         if self.transport is not None:
-            self.transport.abort()
+            abort_transport(self.transport)
+
+    def close(self) -> None:
+        """Close after flushing; bytes that still come are answered by `abort`."""
+        if self.transport is not None:
+            close_transport(self.transport)
 
     @property
     def alive(self) -> bool:
@@ -371,15 +173,15 @@ class UpstreamPool:
             return conn
         if key.gateway is not None:
             assert key.sni is not None and key.cluster is not None
-            tunnel = await dial_gateway(
+            gw = await dial_gateway(
                 self.contexts, key.gateway, key.sni, key.cluster,
                 self.connect_timeout, self.handshake_timeout,
             )  # fmt: skip
-            conn = UpstreamConn(key, tunnel.generation)
-            tunnel.protocol.on_lost = None
-            tunnel.transport.set_protocol(conn)
-            conn.connection_made(tunnel.transport)
-            if not tunnel.alive:
+            conn = UpstreamConn(key, gw.generation)
+            gw.protocol.on_lost = None
+            gw.transport.set_protocol(conn)
+            conn.connection_made(gw.transport)
+            if not gw.alive:
                 conn.lost = True
                 raise ConnectFailed(f"{key.gateway}: closed right after the handshake")
             return conn
@@ -396,9 +198,9 @@ class UpstreamPool:
 
     def release(self, conn: UpstreamConn, reusable: bool) -> None:
         """The exchange on `conn` is over: keep it for the next request, or close it."""
-        conn.exchange = None
+        conn.owner = None
         if not reusable or self._closed or not conn.alive:
-            conn.abort()
+            conn.close()  # after what is buffered (an upgraded connection's last bytes)
             return
         conn.resume_reading()
         dq = self._idle.get(conn.key)

@@ -29,6 +29,7 @@ __all__ = [
     "ResponseHead",
     "parse_request_head",
     "parse_response_head",
+    "upgrade_forward",
 ]
 
 # Hop-by-hop fields (RFC 9110 §7.6.1) and the proxy ones. Transfer-Encoding is kept: bodies
@@ -529,3 +530,14 @@ class BodyScanner:
             elif not line:  # the empty line after the trailers ends the body
                 self.done = True
         return i - start
+
+
+_UPGRADE_LINE = re.compile(rb"\r\nupgrade:[ \t]*([^\r]*)", re.IGNORECASE)
+
+
+def upgrade_forward(raw_head: bytes | bytearray, forward: bytes) -> bytes:
+    """`forward` (a request head cleaned of hop-by-hop fields) with the upgrade asked for in
+    `raw_head` put back: `Connection: upgrade` and its `Upgrade` values. A proxy that relays
+    the upgraded connection must forward both (RFC 9110 7.8)."""
+    values = [v.rstrip(b" \t") for v in _UPGRADE_LINE.findall(bytes(raw_head))]
+    return forward[:-2] + b"Connection: upgrade\r\nUpgrade: " + b", ".join(values) + b"\r\n\r\n"

@@ -1,6 +1,6 @@
-"""The L7 fast path (gateway/h1proxy.py) on the two-cluster loopback topology: keep-alive
-upstream reuse over the mTLS tunnel, pipelining, chunked and large responses, and the hand-off
-to aiohttp for what the fast path leaves alone (HTTP/1.0, Expect, chunked request bodies)."""
+"""The L7 engine (gateway/l7/) on the two-cluster loopback topology: keep-alive upstream reuse
+over the mTLS tunnel, pipelining, chunked and large responses, and what once went to aiohttp
+(HTTP/1.0, Expect, chunked and large request bodies, upgrades) served by the engine itself."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ async def test_chunked_and_large_responses_stream_through(pki: Pki) -> None:
             assert r.status == 200  # the same client connection goes on after a stream
 
 
-async def test_what_the_fast_path_leaves_goes_to_aiohttp(pki: Pki) -> None:
+async def test_http10_chunked_bodies_and_expect_are_served_by_the_engine(pki: Pki) -> None:
     async with asyncio.timeout(30), topology(pki):
         reader, writer = await asyncio.open_connection(str(WEST_ONLY_VIP), HTTP_PORT)
         writer.write(b"GET /old HTTP/1.0\r\nHost: r\r\n\r\n")
@@ -85,7 +85,7 @@ async def test_what_the_fast_path_leaves_goes_to_aiohttp(pki: Pki) -> None:
             url = f"http://{WEST_ONLY_VIP}:{HTTP_PORT}/up"
             async with s.put(url, data=parts()) as r:  # chunked request body
                 assert r.status == 200 and (await r.json())["body"] == 3000
-        # A new connection is on the fast path again; it answers 100 Continue itself.
+        # The engine answers 100 Continue itself.
         async with (
             aiohttp.ClientSession() as s,
             s.put(url, data=b"y" * 500, expect100=True) as r,
