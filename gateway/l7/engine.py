@@ -453,7 +453,7 @@ class H1Engine:
         if body is BodyKind.CHUNKED or head.length > policy.max_buffered_body:
             raw = bytes(buf[: head.size])
             del buf[: head.size]
-            return self._begin(head, b"", raw, stream=True)
+            return self._resume(out) + self._begin(head, b"", raw, stream=True)
         end = head.size + head.length
         if len(buf) < end:
             self.phase = BODY
@@ -468,7 +468,7 @@ class H1Engine:
         payload = bytes(buf[head.size : end]) if head.length else b""
         del buf[:end]
         self.phase = IDLE
-        return out + self._begin(head, payload, raw)
+        return self._resume(out) + self._begin(head, payload, raw)
 
     def _resume(self, out: list[Command]) -> list[Command]:
         if self.paused and len(self.buf) <= self.proxy.config.read_limit:
@@ -684,8 +684,8 @@ class H1Engine:
             if self.up_body is None and proxy.policy.retriable_status(status):
                 return self._try_failed(Outcome.HTTP_5XX, status, f"upstream answered {status}",
                                         FailureKind.HTTP_5XX)  # fmt: skip
-        if rhead.body is _UNTIL_CLOSE:
-            self.close_after = True
+        if rhead.body is _UNTIL_CLOSE or (self.up_body is not None and not self.up_body.done):
+            self.close_after = True  # (an answer before the request body ended: RFC 9112 9.6)
         self.scanner = BodyScanner(rhead.body, rhead.length)
         kind = rhead.body
         if self.up_body is None and (

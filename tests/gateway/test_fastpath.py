@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
-from gw_topology import HTTP_PORT, WEST_ONLY_VIP, Pki, topology
+from gw_topology import EAST_ONLY_VIP, HTTP_PORT, WEST_ONLY_VIP, Pki, topology
 
 from gateway.proto.h1 import BodyKind, BodyScanner, parse_response_head
 
@@ -92,6 +92,22 @@ async def test_http10_chunked_bodies_and_expect_are_served_by_the_engine(pki: Pk
         ):
             assert r.status == 200 and (await r.json())["body"] == 500
             assert "expect" not in (await r.json())["headers"]
+
+
+async def test_websockets_and_large_uploads_go_through_locally_and_across_the_tunnel(
+    pki: Pki,
+) -> None:
+    """An upgrade is forwarded and relayed as bytes after the 101; a body above the retry
+    buffer (1 MiB) streams through once."""
+    async with asyncio.timeout(30), topology(pki), aiohttp.ClientSession() as s:
+        for vip, cluster in ((EAST_ONLY_VIP, "east"), (WEST_ONLY_VIP, "west")):
+            async with s.ws_connect(f"http://{vip}:{HTTP_PORT}/ws") as ws:
+                for i in range(3):
+                    await ws.send_str(f"m{i}")
+                    assert (await ws.receive_str()) == f"{cluster}:m{i}"
+            big = b"u" * (3 << 20)
+            async with s.put(f"http://{vip}:{HTTP_PORT}/up", data=big) as r:
+                assert r.status == 200 and (await r.json())["body"] == len(big)
 
 
 async def test_gateway_errors_carry_the_error_header_and_keep_the_connection(pki: Pki) -> None:
