@@ -1283,9 +1283,9 @@ async def test_windows_start_small_and_grow_while_the_stream_reads(pki: Pki) -> 
         idle.write(payload(1 << 20, 4))
         await until(lambda: len(reader_peer.data) == len(big))
         assert bytes(reader_peer.data) == big
-        assert reader_server._recv.window == config.window  # grown to the maximum
+        assert reader_server.m.recv.window == config.window  # grown to the maximum
         await until(lambda: idle_server.received == config.initial_window)
         await asyncio.sleep(0.05)
         assert idle_server.received == config.initial_window  # no more than its first credit
-        assert idle_server._recv.window == config.initial_window
+        assert idle_server.m.recv.window == config.initial_window
         assert not idle_peer.lost.done() and not idle_server_peer.data
