@@ -8,7 +8,7 @@ Topology on loopback (each its own 127.x addresses), same certificates for both 
 body with keep-alive), same load generator (wrk, same threads and connections):
 
 - direct:   wrk -> nginx
-- isthmus:  wrk -> egress VIP (L7 fast path, gateway/h1proxy.py) -> mTLS, SNI -> ingress (L4,
+- isthmus:  wrk -> egress VIP (L7 engine, gateway/l7/) -> mTLS, SNI -> ingress (L4,
             SNI routing) -> nginx
 - haproxy:  wrk -> egress HAProxy (mode http, server ssl crt+sni; see start_haproxy on verify)
                 -> ingress HAProxy (mode tcp, bind ssl verify required client certs) -> nginx

@@ -1,4 +1,6 @@
-"""Multiplexed tunnels (`gateway.tunnel.transport`) over real mutual TLS on loopback (127.78.1.x).
+"""Multiplexed tunnels (`gateway.tunnel.transport`) end to end over real mutual TLS on loopback
+(127.78.1.x). The stream's own rules (half-close, close and its FIN deadline, flow control,
+resets, buffer bounds) are playbooks without sockets in test_stream_machine.py.
 
 The egress side is a `MuxConnection(server=False)` that opens streams, the ingress side a
 `MuxConnection(server=True)` whose `on_open` handler answers them (an echo in the test, or a
