@@ -353,6 +353,14 @@ class H1Engine:
         buffered, self.buf = bytes(self.buf), bytearray()
         if buffered:
             out += self._stream_up(buffered)
+        if not self.up_body.done:
+            if self.eof:  # the client closed before its body was complete
+                return out + self._abandon("the client closed inside its request body",
+                                           blame=False)  # fmt: skip
+            # However long the body takes to come, it is not the upstream's time: the per-try
+            # deadline starts once the body is all sent (`_stream_up`).
+            self.deadline = None
+            out.append((ARM_DEADLINE, None))
         if self.paused and len(self.buf) <= self.proxy.config.read_limit:
             self.paused = False
             out.append((RESUME_CLIENT,))

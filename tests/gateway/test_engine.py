@@ -251,7 +251,8 @@ def test_a_chunked_request_body_streams_once_and_is_never_retried() -> None:
         expect=[(OPEN, One(K1, K2)), (ARM, b.clock.now + PER_TRY)],
     )
     b.step("client_data", b"\r\n", expect=[])  # held until the upstream is there
-    b.step("upstream_connected", expect=[(SEND, head), (SEND, b"3\r\nabc\r\n")])
+    b.step("upstream_connected", expect=[(SEND, head), (SEND, b"3\r\nabc\r\n"), (ARM, None)])
+    b.clock.now += 10 * PER_TRY  # a slow upload: no per-try deadline while the body comes
     b.step("client_data", b"0\r\n\r\nGET", expect=[
         (SEND, b"0\r\n\r\n"), (ARM, b.clock.now + PER_TRY),  # the body is over: wait for the answer
     ])  # fmt: skip
@@ -265,12 +266,22 @@ def test_a_large_body_streams_and_an_early_answer_closes_the_connection() -> Non
     b = bench(endpoints=1, retry=RetryPolicy(max_buffered_body=4))
     head = b"POST /big HTTP/1.1\r\nHost: s\r\nContent-Length: 10\r\n\r\n"
     b.step("client_data", head + b"01234", expect=[(OPEN, K1), (ARM, b.clock.now + PER_TRY)])
-    b.step("upstream_connected", expect=[(SEND, head), (SEND, b"01234")])
+    b.step("upstream_connected", expect=[(SEND, head), (SEND, b"01234"), (ARM, None)])
     too_large = b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n"
     b.step("upstream_data", too_large, expect=[
         (W, b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
         (ARM, None), (RELEASE, False), (CLOSE, False),
     ])  # fmt: skip
+
+
+def test_a_client_that_closes_inside_a_streamed_body_ends_the_request_without_blame() -> None:
+    b = bench(endpoints=1, retry=RetryPolicy(max_buffered_body=4))
+    head = b"POST /big HTTP/1.1\r\nHost: s\r\nContent-Length: 10\r\n\r\n"
+    b.step("client_data", head + b"012", expect=[(OPEN, K1), (ARM, b.clock.now + PER_TRY)])
+    b.step("client_eof", expect=[])  # the upstream is not there yet: decided once it is
+    b.step("upstream_connected", expect=[(SEND, head), (SEND, b"012"), (RELEASE, False),
+                                         (CLOSE, True)])  # fmt: skip
+    assert b.requests("reset") == 1
 
 
 def test_http10_is_served_then_closed() -> None:
