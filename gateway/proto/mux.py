@@ -464,6 +464,33 @@ class StreamMachine:
             return [(_FRAME_OP, FrameType.WINDOW, window_payload(self.recv.release()))]
         return []
 
+    def send_now(self, n: int) -> bool:
+        """The usual write, decided without a command list: True when all `n` bytes may go
+        out at once (nothing waits before them and the window has room); they are counted
+        as sent, and the caller sends them as DATA. False: call `write`."""
+        if self.pending or self.fin_queued or self.send.credit < n or not n:
+            return False
+        state = self.state
+        if state is not _OPEN and state is not _CLOSE_WAIT and state is not _OPENING:
+            return False
+        self.send.credit -= n
+        self.sent += n
+        return True
+
+    def receive_now(self, n: int) -> bool:
+        """The usual DATA frame, decided without a command list: True when its `n` bytes go
+        straight to the user (who reads, with nothing held before them); they are counted,
+        and the caller delivers them, then calls `delivered`. False: call `on_data`."""
+        recv = self.recv
+        if (
+            self.closed_here or self.rbuf or not self.attached or self.read_paused
+            or n > recv.allowed
+        ):  # fmt: skip
+            return False
+        recv.allowed -= n
+        self.received += n
+        return True
+
     def write(self, data: bytes) -> list[tuple]:
         if self.local_fin:
             return []  # asyncio transports drop (and warn about) writes after close as well

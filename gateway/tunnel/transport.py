@@ -558,6 +558,9 @@ class MuxStream(asyncio.Transport):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if type(data) is not bytes:
             data = bytes(data)
+        if self.m.send_now(len(data)):  # the usual case, without a command list
+            self._conn.send_data(self.id, data)  # type: ignore[arg-type]
+            return
         self._run(self.m.write(data))  # type: ignore[arg-type]
 
     def writelines(self, list_of_data: Any) -> None:
@@ -604,7 +607,20 @@ class MuxStream(asyncio.Transport):
     # --- frames from the connection -------------------------------------------------------
 
     def _on_data(self, payload: bytes) -> None:
-        self._run(self.m.on_data(payload))
+        m = self.m
+        if not m.receive_now(len(payload)):
+            self._run(m.on_data(payload))
+            return
+        # The usual case, without a command list: straight to the protocol, then credit.
+        try:
+            self._protocol.data_received(payload)  # type: ignore[union-attr]
+        except Exception as exc:  # a protocol bug must not take the tunnel down
+            log.exception("stream protocol failed", extra={"stream": self.id})
+            self._run(m.fail("internal_error", repr(exc)))
+            return
+        credit = m.delivered(len(payload))
+        if credit:
+            self._run(credit)
 
     def _on_fin(self) -> None:
         self._run(self.m.on_fin())

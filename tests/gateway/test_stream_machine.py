@@ -433,3 +433,48 @@ def test_the_tunnel_lost_ends_every_stream_once() -> None:
     w.do(w.ingress, w.ingress.m.close())
     w.run(w.ingress, w.ingress.m.on_tunnel_lost(None))
     assert w.ingress.lost == [None] and w.ingress.deadline is None  # told once; no timer left
+
+
+@pytest.mark.parametrize(
+    "setup",
+    ["open", "paused", "pending", "closed_here", "fin_out", "peer_fin", "no_user", "no_credit"],
+)
+def test_the_shortcuts_decide_like_the_general_events(setup: str) -> None:
+    """`send_now` / `receive_now` (the glue's way around a command list for the usual write
+    and DATA frame) take exactly the cases where `write` / `on_data` would only send or
+    deliver the bytes, and count them the same way."""
+
+    def machine() -> StreamMachine:
+        m = StreamMachine(1, SMALL, TunnelShare(), opening=False, clock=Clock())
+        if setup != "no_user":
+            m.attach()
+        if setup == "paused":
+            m.pause_reading()
+        elif setup == "pending":
+            m.write(b"p" * 5000)  # more than the window: some waits
+        elif setup == "closed_here":
+            m.close()
+        elif setup == "fin_out":
+            m.write_eof()
+        elif setup == "peer_fin":
+            m.on_fin()
+        elif setup == "no_credit":
+            m.write(b"c" * 4096)
+        return m
+
+    general, short = machine(), machine()
+    expected = general.write(b"data")
+    if short.send_now(4):
+        assert expected == [(Op.DATA, b"data")]
+    else:
+        assert expected != [(Op.DATA, b"data")]
+        assert short.write(b"data") == expected  # what the glue does then
+    assert (short.sent, short.send.credit) == (general.sent, general.send.credit)
+    general, short = machine(), machine()
+    expected = general.on_data(b"in")
+    if short.receive_now(2):
+        assert expected == [(Op.DELIVER, b"in")]
+    else:
+        assert expected != [(Op.DELIVER, b"in")]
+        assert short.on_data(b"in") == expected
+    assert (short.received, short.recv.allowed) == (general.received, general.recv.allowed)
