@@ -66,7 +66,7 @@ class Console:
         app.router.add_get("/ui/{file}", self._file)
 
     async def _redirect(self, request: web.Request) -> web.StreamResponse:
-        raise web.HTTPMovedPermanently("/ui/", headers=HEADERS)
+        return web.Response(status=301, headers={**HEADERS, "Location": "/ui/"})
 
     async def _index(self, request: web.Request) -> web.StreamResponse:
         return self._serve(request, "index.html")

@@ -60,6 +60,7 @@ export class ServiceView {
     this.data = null;
     this.dirty = false; // the person is editing the weights: leave the editor alone
     this.ackTimer = null;
+    this.message = ""; // what the last change answered (kept across re-renders)
   }
 
   colour(cluster) {
@@ -74,6 +75,7 @@ export class ServiceView {
       this.key = { ns, name };
       this.dirty = false;
       this.data = null;
+      this.message = "";
       clearTimeout(this.ackTimer);
       clear(this.root).append(
         h("div", { id: "svc-head" }), h("div", { id: "svc-endpoints" }),
@@ -212,21 +214,23 @@ export class ServiceView {
       grid.append(h("label", { text: c }), range, number);
     }
     failover.addEventListener("change", () => { this.dirty = true; update(); });
-    const message = h("span", { class: "muted", "data-testid": "traffic-message" });
+    const message = h("span", { class: "muted", "data-testid": "traffic-message",
+                                text: this.message });
+    const say = (text) => { this.message = text; message.textContent = text; };
     apply.addEventListener("click", async () => {
       apply.disabled = true;
       const body = { weights: Object.fromEntries(clusters.map((c) => [c, values[c]])),
                      failover: failover.checked };
       try {
         const res = await api(`${this.path()}/traffic`, { method: "PUT", body });
-        message.textContent = `stored as version ${res.body.version}` +
-          (res.body.warnings ? ` (${res.body.warnings.join("; ")})` : "");
+        say(`stored as version ${res.body.version}` +
+          (res.body.warnings ? ` (${res.body.warnings.join("; ")})` : ""));
         this.dirty = false;
         this.renderReplication(res.body);
         this.watchReplication(res.body.version);
         await this.refresh();
       } catch (e) {
-        message.textContent = `refused: ${e.message}`;
+        say(`refused: ${e.message}`);
         apply.disabled = false;
       }
     });
@@ -236,11 +240,11 @@ export class ServiceView {
     reset.addEventListener("click", async () => {
       try {
         await api(`${this.path()}/traffic`, { method: "DELETE" });
-        message.textContent = "policy removed: locality routing";
+        say("policy removed: locality routing");
         this.dirty = false;
         await this.refresh();
       } catch (e) {
-        message.textContent = `refused: ${e.message}`;
+        say(`refused: ${e.message}`);
       }
     });
     el.append(grid, h("div", { class: "controls" },

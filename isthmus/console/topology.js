@@ -27,14 +27,11 @@ function node(x, y, cls, testid, state, lines) {
   return g;
 }
 
-function edgeLabel(x, y, lines) {
-  const g = s("g", { class: "edge-labels" });
-  const width = 250;
-  g.append(s("rect", { class: "edge-label-bg", x: x - width / 2, y: y - 15, width,
-                       height: lines.length * 17 + 6, rx: 4 }));
-  lines.forEach((text, i) =>
-    g.append(s("text", { class: "edge-label", x, y: y + i * 17, "text-anchor": "middle", text })));
-  return g;
+function edgeLabel(x, y, [above, below]) {
+  // what this cluster sent above the line, what it served below
+  return s("g", { class: "edge-labels" },
+    s("text", { class: "edge-label", x, y: y - 8, "text-anchor": "middle", text: above }),
+    s("text", { class: "edge-label", x, y: y + 18, "text-anchor": "middle", text: below }));
 }
 
 export function edgeIndex(edges, cluster) {
@@ -61,17 +58,18 @@ export function renderTopology(graphEl, cardsEl, summaryEl, st) {
   const shownAgents = agents.slice(0, MAX_AGENT_NODES);
   const agentRows = Math.ceil(shownAgents.length / 2);
   const peersH = Math.max(1, peers.length) * PEER_GAP;
-  const height = Math.max(peersH, NODE_H + 60 + agentRows * 58) + 40;
+  const localX = 30;
+  const localY = Math.max(10, peersH / 2 - NODE_H / 2 - 10);
+  const agentsBottom = agentRows ? localY + NODE_H + 40 + agentRows * 58 : 0;
+  const height = Math.max(peersH, agentsBottom) + (agents.length > MAX_AGENT_NODES ? 30 : 10);
   const svg = s("svg", { viewBox: `0 0 ${W} ${height}`, role: "img",
                          "aria-label": "federation topology" });
-  const localX = 30;
-  const localY = Math.max(20, peersH / 2 - NODE_H / 2);
   const peerX = W - NODE_W - 30;
   const localServices = (status.services || []).filter((x) => x.clusters && x.clusters[cluster]);
 
   // edges first, so nodes draw over them
   peers.forEach((p, i) => {
-    const py = 20 + i * PEER_GAP;
+    const py = 10 + i * PEER_GAP;
     const out = edges.out[p.cluster];
     const inn = edges.in[p.cluster];
     const busy = (out && out.rate > 0) || (inn && inn.rate > 0);
@@ -79,7 +77,7 @@ export function renderTopology(graphEl, cardsEl, summaryEl, st) {
     const x1 = localX + NODE_W, y1 = localY + NODE_H / 2, x2 = peerX, y2 = py + NODE_H / 2;
     svg.append(s("line", { class: `edge${busy ? " busy" : ""}${failing ? " failing" : ""}`,
                            x1, y1, x2, y2, "data-testid": `edge-${p.cluster}` }));
-    svg.append(edgeLabel((x1 + x2) / 2, (y1 + y2) / 2 - 4,
+    svg.append(edgeLabel((x1 + x2) / 2, (y1 + y2) / 2,
                          [edgeText(`→ ${p.cluster}`, out), edgeText(`← ${p.cluster}`, inn)]));
   });
   svg.append(node(localX, localY, "local", `node-${cluster}`, "local", [
@@ -88,7 +86,7 @@ export function renderTopology(graphEl, cardsEl, summaryEl, st) {
     [`${localServices.length} services · ${edgeText("local", edges.self)}`, "sub"],
   ]));
   peers.forEach((p, i) => {
-    svg.append(node(peerX, 20 + i * PEER_GAP, p.state, `node-${p.cluster}`, p.state, [
+    svg.append(node(peerX, 10 + i * PEER_GAP, p.state, `node-${p.cluster}`, p.state, [
       [p.cluster, "name"],
       [p.state, "sub"],
       [`last sync `, "sub", p.last_sync],
