@@ -1,6 +1,6 @@
 """The web console's static files, served at `/ui/` on the API listener (docs/console.md).
 
-The files ship in the wheel (isthmus/console/) and are read once, at start-up, into memory:
+The files ship in the wheel (isthmus/ui/) and are read once, at start-up, into memory:
 only the names found there are served, so no request path ever reaches the file system. They
 hold no secrets, so they load without a token; the page asks the person for one and sends it
 as a bearer header with each API call. Every answer carries a strict Content-Security-Policy
@@ -87,9 +87,9 @@ class Console:
 
 
 def load_console() -> Console:
-    """The files packaged under isthmus/console/ (flat: no sub-folders)."""
+    """The files packaged under isthmus/ui/ (flat: no sub-folders)."""
     assets: dict[str, Asset] = {}
-    for entry in (resources.files("isthmus") / "console").iterdir():
+    for entry in (resources.files("isthmus") / "ui").iterdir():
         suffix = "." + entry.name.rpartition(".")[2]
         if not entry.is_file() or suffix not in TYPES or entry.name.startswith("."):
             continue

@@ -238,3 +238,27 @@ def test_the_event_ring_is_bounded_and_says_what_it_lost() -> None:
     assert len(held) == 10 and truncated and held[0].index == 16
     assert len(held[0].fields["text"]) < 600  # free text is clipped
     assert events.since(20) == (held[5:], False)
+
+
+def test_every_console_file_is_packaged_and_served() -> None:
+    """pyproject's package-data takes every file under isthmus/ui/ into the wheel, and the
+    console serves each (a file missing from either is a page that breaks when installed)."""
+    import fnmatch
+    import tomllib
+
+    root = Path(__file__).resolve().parents[2]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]["isthmus"]
+    files = sorted(p.name for p in (root / "isthmus" / "ui").iterdir() if p.is_file())
+    assert files, "no console files"
+    for name in files:
+        assert any(fnmatch.fnmatch(f"ui/{name}", pat) for pat in patterns), name
+    assert sorted(load_console().assets) == files
+    # what index.html and the modules load is there
+    html = (root / "isthmus" / "ui" / "index.html").read_text()
+    for ref in re.findall(r'(?:src|href)="([^"#:]+)"', html):
+        assert ref in files, ref
+    for js in (n for n in files if n.endswith(".js")):
+        for ref in re.findall(r'from "\./([^"]+)"', (root / "isthmus" / "ui" / js).read_text()):
+            assert ref in files, (js, ref)
