@@ -8,11 +8,15 @@ import os
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from discovery.names import ServiceKey
 from federation.routing import ServiceRoute
 
-from .conftest import ConsoleCluster, Federation, eventually, sign_in
+from .conftest import ConsoleCluster, Federation, browser_missing, eventually, sign_in
+
+# decided before the appliances start: no federation is built for a test that cannot run
+pytestmark = pytest.mark.skipif(browser_missing() is not None, reason=str(browser_missing()))
 
 SHOTS = os.environ.get("ISTHMUS_CONSOLE_SCREENSHOTS")  # a folder: save the views there
 
