@@ -15,12 +15,13 @@ a value), through a collector registered before the gateway's metrics. An observ
 ~0.3 us instead of ~4 us (a lock and a linear bucket walk per child).
 
 Every finished request (L7, per batch at the next flush) or connection (L4, at once) is also
-added, in plain integers, to two `Totals`: its flow's series (per service and destination cluster, for the console's charts)
-and its edge's (per gateway, source cluster and destination cluster, with no service label).
-The edge totals are served as `isthmus_edge_requests_total` and
-`isthmus_edge_request_duration_seconds` by a collector at scrape time; their label sets are
-bounded by `MAX_EDGES`, and the series by `MAX_SERIES` (past either cap, new label sets are
-counted under "other"), whatever the peers or the catalog hold.
+added, in plain integers, to two `Totals`: its flow's series (per service and destination
+cluster, for the console's charts) and its edge's (per gateway, source cluster and
+destination cluster, with no service label). The edge totals are served as
+`isthmus_edge_requests_total` and `isthmus_edge_request_duration_seconds` by a collector at
+scrape time; their label sets are bounded by `MAX_EDGES`, and the series by `MAX_SERIES`
+(past either cap, new label sets are counted under "other"), whatever the peers or the
+catalog hold.
 """
 
 from __future__ import annotations
