@@ -83,6 +83,14 @@ class AgentSession:
             "state": "connected" if self.connected else "disconnected",
             "since": self.since,
             "workloads": len(workloads),
+            "registered": [
+                {
+                    "id": st.workload.id,
+                    "service": str(st.workload.service),
+                    "health": st.health.value,
+                }
+                for st in workloads
+            ],
             "held": checker.held(self.source) if checker else None,
         }
 

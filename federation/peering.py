@@ -161,6 +161,8 @@ class FeedServer:
 
 
 UpdateHandler = Callable[[PeerState, dict], Awaitable[None]]
+# Told when a peer's status changes: (its state, now changed, and the status it had before).
+StatusHandler = Callable[[PeerState, PeerStatus], None]
 
 
 class PeerLink:
@@ -177,9 +179,11 @@ class PeerLink:
         backoff_min: float = 0.2,
         backoff_max: float = 15.0,
         rng: random.Random | None = None,
+        on_status: StatusHandler | None = None,
     ) -> None:
         self.cluster = cluster
         self.state = PeerState(peer, address)
+        self.on_status = on_status
         self.credentials = credentials
         self.on_update = on_update
         self.backoff_min, self.backoff_max = backoff_min, backoff_max
@@ -206,6 +210,8 @@ class PeerLink:
         self.state.error = detail
         PEER_UP.labels(self.cluster, self.state.cluster).set(0)
         FEED_ERRORS.labels(self.cluster, self.state.cluster, reason).inc()
+        if was is not self.state.status:
+            self._status_changed(was)
         # Every change of cause is worth a line (a peering that never comes up must say why);
         # the same failure again on each retry is not.
         changed = was is PeerStatus.CONNECTED or self._logged != (reason, detail)
@@ -317,13 +323,24 @@ class PeerLink:
         await self.on_update(self.state, msg)
 
     def _mark_up(self) -> None:
-        if self.state.status is not PeerStatus.CONNECTED:
+        was = self.state.status
+        if was is not PeerStatus.CONNECTED:
             log.info("peer link up", extra={"peer": self.state.cluster})
         self.state.status = PeerStatus.CONNECTED
         self.state.error = None
         self._logged = None
         self.state.last_sync = dt.datetime.now(dt.UTC)
         PEER_UP.labels(self.cluster, self.state.cluster).set(1)
+        if was is not PeerStatus.CONNECTED:
+            self._status_changed(was)
+
+    def _status_changed(self, was: PeerStatus) -> None:
+        if self.on_status is None:
+            return
+        try:
+            self.on_status(self.state, was)
+        except Exception:  # an observer's bug must not break the link
+            log.exception("peer status listener failed", extra={"peer": self.state.cluster})
 
 
 async def aclose_all(items: list[PeerLink]) -> None:

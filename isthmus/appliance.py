@@ -39,7 +39,9 @@ from isthmus.agentapi import AgentContext, make_agent_app
 from isthmus.api import ApiContext, make_app
 from isthmus.auth import TokenFileError, TokenRegistry, ensure_admin_token, read_token
 from isthmus.config import Config, ConfigError, exposed_listeners, split_host_port
+from isthmus.console import load_console
 from isthmus.datadir import DataDirBusy, DataDirLock
+from isthmus.events import EventLog, watch_catalog, watch_federation, watch_handshakes
 from isthmus.identity import (
     IdentityError,
     NodeTrust,
@@ -56,6 +58,7 @@ from isthmus.listeners import (
     serve_app,
 )
 from isthmus.metrics import CATALOGS
+from isthmus.traffic import TrafficHistory
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +98,9 @@ class Appliance:
         self.metrics_address: tuple[str, int] | None = None
         self.started = time.time()
         self._lock: DataDirLock | None = None
+        self.events: EventLog | None = None
+        self.history: TrafficHistory | None = None
+        self._unwatch: list[Any] = []
 
     @property
     def api_url(self) -> str:
@@ -162,6 +168,15 @@ class Appliance:
         except DiscoveryError as e:
             raise StartupError(str(e)) from None
         self.bootstrap_tokens = BootstrapTokens(data_dir)
+        # What the console shows live: recent events and the last minutes of traffic.
+        self.events = EventLog(cfg.api.events)
+        self._unwatch += [
+            watch_catalog(self.events, catalog),
+            watch_federation(self.events, self.federation),
+            watch_handshakes(self.events),
+        ]
+        self.history = TrafficHistory(cfg.cluster)
+        self.history.start(also=self.events.flush)
 
         ctx = ApiContext(
             cluster=cfg.cluster,
@@ -176,6 +191,9 @@ class Appliance:
             federation=self.federation,
             bootstrap_tokens=self.bootstrap_tokens,
             reports=self.reports,
+            events=self.events,
+            history=self.history,
+            console=load_console() if cfg.api.console else None,
         )
         self.api_address = await self._serve(
             make_app(ctx, cfg.api.max_body), cfg.api.listen, limits=api_limits(cfg.api)
@@ -522,6 +540,11 @@ class Appliance:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for unwatch in self._unwatch:
+            unwatch()
+        self._unwatch.clear()
+        if self.history is not None:
+            await self.history.stop()
         if self.agent_link is not None:
             await self.agent_link.leave()  # a clean stop: its workloads leave with it
             await self.agent_link.close()

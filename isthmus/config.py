@@ -204,6 +204,9 @@ class ApiConfig(_HttpListener):
     token_file: PathStr = "/etc/isthmus/api-token"
     tokens: list[ApiToken] = []  # extra, narrower tokens (the token_file one is admin)
     max_body: Annotated[StrictInt, Field(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
+    console: StrictBool = True  # the web console at /ui/ (static files; the API checks tokens)
+    # Recent events the console lists (GET /v1/events): a ring of this many, oldest dropped.
+    events: Annotated[StrictInt, Field(ge=10, le=100_000)] = 1000
 
 
 class ControlConfig(_HttpListener):

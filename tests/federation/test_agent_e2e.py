@@ -193,6 +193,10 @@ async def test_documented_vm_config_registers_checked_workloads(
         _, status = await east.call("GET", "/v1/status")
         [vm] = [a for a in status["agents"] if a["node"] == "vm-17"]
         assert vm["state"] == "disconnected" and vm["workloads"] == 2
+        # the console's topology lists them under the agent
+        assert sorted((w["id"], w["health"]) for w in vm["registered"]) == [
+            ("vm-17-api", "critical"), ("vm-17-web", "critical")
+        ]
 
         # it comes back (its identity is on disk now): passing again, no action needed
         agent.start()
