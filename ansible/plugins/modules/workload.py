@@ -46,8 +46,8 @@ options:
     type: str
   ports:
     description:
-      - Port name to port number, e.g. C({http: 9080}). The name says the protocol (C(http*),
-        C(grpc*) are HTTP-aware; anything else is relayed at L4). Required with I(state=present).
+      - "Port name to port number, e.g. C({http: 9080}). The name says the protocol (C(http*),
+        C(grpc*) are HTTP-aware; anything else is relayed at L4). Required with I(state=present)."
     type: dict
   labels:
     description: Labels, name to value.
