@@ -322,3 +322,38 @@ def test_an_unreachable_machine_fails_alone_and_the_others_are_deployed(
     # the VM's agent came back with its machine, and serves as before
     eventually(lambda: calls(vm, "ratings.default.global", 9081, 3) == ["west"] * 3,
                "the VM calling west again")
+
+
+def _issuer_root(machine: Machine) -> str:
+    """The CN of the root that the machine's own identity chains to (through its CA)."""
+    shown = machine.run(["/opt/isthmus/venv/bin/isthmus", "ca", "show",
+                         "/var/lib/isthmus/pki/node.pem"]).stdout
+    ca_part = shown.split("[1]")[1]
+    return ca_part.split("issuer:")[1].splitlines()[0].strip()
+
+
+def test_rotate_ca_rolls_a_new_root_and_refuses_to_retire_the_old_one_early(
+    deployed: Ansible, testbed: Testbed,
+) -> None:
+    """rotate-ca.yml steps 1-4 (docs/operations.md): both roots everywhere, the edges' cluster
+    CAs under the new root and their identities reissued, traffic flowing; the finish phase
+    then refuses while the VM's identity (renewed only at half-life) is under the old root."""
+    vm = testbed["east-vm"]
+    old_root = _issuer_root(testbed["east-edge"])
+    start = deployed.playbook("rotate-ca.yml")
+    assert start.rc == 0, start.tail()
+    new_roots = {_issuer_root(testbed[n]) for n in ("east-edge", "west-edge")}
+    assert len(new_roots) == 1 and old_root not in new_roots, (old_root, new_roots)
+    assert _issuer_root(vm) == old_root
+    for name, bundle in (("east-edge", "/etc/isthmus/pki/bundle.pem"),
+                         ("east-vm", "/var/lib/isthmus/pki/bundle.pem")):
+        assert testbed[name].read_file(bundle).count(b"BEGIN CERTIFICATE") == 2, name
+    eventually(lambda: calls(vm, "ratings.default.global", 9081, 3) == ["west"] * 3,
+               "the VM calling west across the rotation")
+
+    finish = deployed.playbook("rotate-ca.yml", "-e", "isthmus_rotation=finish")
+    assert finish.rc != 0
+    assert "east-vm still holds an identity issued under the old root" in finish.output, \
+        finish.tail()
+    assert (deployed.ca_dir / "bundle.pem").read_text().count("BEGIN CERTIFICATE") == 2
+    assert calls(vm, "ratings.default.global", 9081, 3) == ["west"] * 3
