@@ -37,7 +37,8 @@ def test_the_collection_builds_installs_and_documents_itself(tmp_path: Path) -> 
     [tarball] = out.glob("isthmus-appliance-*.tar.gz")
     listing = subprocess.run(["tar", "tzf", str(tarball)], capture_output=True, text=True,
                              check=True).stdout.split()
-    assert "plugins/modules/workload.py" in listing and "roles/pki/meta/argument_specs.yml" in listing
+    assert "plugins/modules/workload.py" in listing
+    assert "roles/pki/meta/argument_specs.yml" in listing
     # nothing of a deployment travels with it: no wheels, no root key, no link to itself
     assert not [n for n in listing if n.startswith(("wheelhouse", "pki/", "collections"))]
 

