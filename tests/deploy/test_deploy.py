@@ -26,7 +26,7 @@ from .ansible_run import EXAMPLE, ROOT, WHEELHOUSE, Ansible, Result, missing_too
 pytestmark = [pytest.mark.deploy, pytest.mark.timeout(900)]
 
 CONFIG = "/etc/isthmus/isthmus.yaml"
-VM_DNS = "127.0.0.53"
+VM_DNS = "127.0.0.153"  # the agent role's default dns.listen
 BACKENDS = (  # (machine, service, port, address): the clusters' applications
     ("east-service", "reviews", 9080, "0.0.0.0"),
     ("west-service", "reviews", 9080, "0.0.0.0"),
