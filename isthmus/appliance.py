@@ -518,11 +518,17 @@ class Appliance:
             include=check_keys
         ):
             needs_restart.append("discovery check limits")
+        agent = self.agent_link is not None
+        if agent and new.discovery.workloads != self.config.discovery.workloads:
+            # An agent's workloads live in its control channel (registered at start), not in
+            # a catalog of its own: they change with a restart.
+            needs_restart.append("discovery.workloads")
         old = self.config
         self.config = new
         try:
             self._load_tokens()
-            await self._sync_static_workloads()
+            if not agent:
+                await self._sync_static_workloads()
             if self.trust is not None:
                 self.trust.manager.reload_bundle()  # a root rotation step, see docs/trust.md
         except (StartupError, DiscoveryError, TrustError) as e:

@@ -79,6 +79,15 @@ def _usable(identity: Identity, cfg: Config, kind: Kind, now: dt.datetime) -> st
     return None
 
 
+def _stale_issuer(identity: Identity, authority: CertificateAuthority | None) -> str:
+    """Why a node holding its cluster CA must reissue its own identity: the CA certificate was
+    replaced (re-signed under a new root in a root rotation), so the identity on disk still
+    chains to the old one; "" when it was issued under the current CA certificate."""
+    if authority is None or identity.chain[1:2] == (authority.cert,):
+        return ""
+    return "it was issued under another certificate of the cluster CA"
+
+
 def _refuse_foreign(identity: Identity, cfg: Config, kind: Kind, now: dt.datetime) -> None:
     """Never overwrite a current identity of another node: two appliances pointed at one
     trust.cert would take turns replacing each other's, and peering would fail for both."""
@@ -122,7 +131,7 @@ def load_node_trust(cfg: Config, kind: Kind = Kind.GATEWAY) -> NodeTrust:
     if Path(t.cert).exists() and Path(t.key).exists():
         try:
             identity = load_identity(Path(t.cert), Path(t.key))
-            problem = _usable(identity, cfg, kind, now) or ""
+            problem = _usable(identity, cfg, kind, now) or _stale_issuer(identity, authority)
         except TrustError as e:
             problem = str(e)
         if problem and identity is not None:
