@@ -23,7 +23,7 @@ from discovery.model import Locality
 from discovery.names import ServiceKey
 from federation.feed import ExportedService, ExportFeed, FeedError
 from federation.hlc import HybridClock
-from federation.peering import FeedServer, PeerLink, PeerState, aclose_all
+from federation.peering import UNREACHABLE_AFTER, FeedServer, PeerLink, PeerState, aclose_all
 from federation.policy import PolicyStore, TrafficPolicy, validate_weights
 from federation.routing import RoutingTable, TableHolder
 from federation.table import Imports, TableBuilder
@@ -46,8 +46,10 @@ class Federation:
         export: Sequence[str] = ("*.default",),
         public_address: str | None = None,
         credentials: TlsCredentials | None = None,
+        peer_unreachable_after: float | None = UNREACHABLE_AFTER,
     ) -> None:
         self.cluster = cluster
+        self.peer_unreachable_after = peer_unreachable_after
         self.locality = locality
         self.catalog = catalog
         self.holder = holder
@@ -93,7 +95,10 @@ class Federation:
         self._on_table(self.holder.current)
         if self.credentials is not None:
             for peer, address in sorted(self.peer_addresses.items()):
-                link = PeerLink(self.cluster, peer, address, self.credentials, self._on_peer)
+                link = PeerLink(
+                    self.cluster, peer, address, self.credentials, self._on_peer,
+                    unreachable_after=self.peer_unreachable_after,
+                )
                 link.start()
                 self.links.append(link)
         elif self.peer_addresses:

@@ -156,6 +156,7 @@ class Appliance:
             export=cfg.federation.export,
             public_address=public,
             credentials=self.trust.credentials if self.trust else None,
+            peer_unreachable_after=cfg.federation.peer_unreachable_after,
         )
         try:
             await self.federation.start()
