@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import random
+import resource
 import signal
 import sys
 import time
@@ -312,18 +313,20 @@ class Load:
     async def fresh_worker(self, target: Target, rate: float) -> None:
         interval = 1.0 / rate
         nxt = time.monotonic() + random.uniform(0, interval)
+        mine: set[asyncio.Task[None]] = set()  # per worker: one slow target starves no other
         while not self.stopping.is_set():
             await self._sleep_until(nxt)
             if self.stopping.is_set():
                 break
             nxt += interval
-            if len(self.inflight) >= self.args.max_inflight:
+            if len(mine) >= self.args.max_inflight:
                 self.rec.add(time.time(), "new", target.short, False, 1, 0, "client saturated",
                              "", 0)
                 continue
             task = asyncio.create_task(self._fresh_one(target))
-            self.inflight.add(task)
-            task.add_done_callback(self.inflight.discard)
+            for tasks in (mine, self.inflight):
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
 
     async def _fresh_one(self, target: Target) -> None:
         await self.resolve(target)
@@ -399,12 +402,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--retries", type=int, default=1, help="client tries after the first")
     p.add_argument("--timeout", type=float, default=20.0, help="seconds per try")
     p.add_argument("--dns-timeout", type=float, default=1.0)
-    p.add_argument("--max-inflight", type=int, default=200)
+    p.add_argument("--max-inflight", type=int, default=1000,
+                   help="new-connection requests in flight per worker")
     p.add_argument("--duration", type=float, default=1800.0, help="stop after this many s")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # a connection per request
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return asyncio.run(Load(parse_args(argv)).run())
 
 

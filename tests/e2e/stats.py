@@ -14,6 +14,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+FIELDS_HEADER = "t,kind,target,ok,attempts,lat_ms,first_error,cluster,status"  # load.py's CSV
+
 
 @dataclass(frozen=True, slots=True)
 class Record:

@@ -278,7 +278,7 @@ def test_drill_4_control_node_crash(dep: Deployment, csv: Path) -> None:
         status, served = dep.east.api("GET", "/v1/services/default/reviews/traffic")
         all_acked = [w for w in writer.writes() if w["status"] == 200]
         recs = load.records()
-        rep.window("quiet", summarize(select(recs, t_quiet, t_kill)))
+        quiet = rep.window("quiet", summarize(select(recs, t_quiet, t_kill)))
         crash_w = rep.window("crash", summarize(select(recs, t_kill, t_vm)))
         rep.figures.update(
             requests=len(select(recs, t_quiet, t_end)), failures=crash_w.failed,
@@ -287,7 +287,7 @@ def test_drill_4_control_node_crash(dep: Deployment, csv: Path) -> None:
             policy_writes_acked_total=len(all_acked),
             last_acked_version=last_ack["version"], on_disk_version=str(on_disk.stamp),
             restart_s=round(t_up - t_kill, 1), vm_workloads_back_s=round(t_vm - t_kill, 1),
-            p99_fault_ms=crash_w.p99_ms)
+            p99_quiet_ms=quiet.p99_ms, p99_fault_ms=crash_w.p99_ms)
         set_vm_workloads(dep, 0)
         dep.set_weights("reviews", BASELINE_WEIGHTS)
     assert acked and acked <= ids, sorted(acked - ids)  # no acknowledged registration lost
@@ -378,6 +378,11 @@ def test_drill_6_hostile_machines(dep: Deployment, csv: Path) -> None:
         recs = load.records()
         quiet = rep.window("quiet", summarize(select(recs, t_quiet, t_flood)))
         fault = rep.window("flood", summarize(select(recs, t_flood, t_end)))
+        # reviews is the part of the load that crosses west's ingress
+        rep.window("quiet_reviews", summarize(select(recs, t_quiet, t_flood,
+                                                     targets=["reviews"])))
+        rep.window("flood_reviews", summarize(select(recs, t_flood, t_end,
+                                                     targets=["reviews"])))
         metrics_after = {c: dep.edges[c].metrics() for c in ("east", "west")}
         reasons = {}
         from .deploy import metric_sum

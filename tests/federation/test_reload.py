@@ -160,10 +160,11 @@ async def test_reload_rotates_leaves_and_picks_up_a_cluster_ca_under_a_new_root(
         gw, vm = control.app.trust.credentials, agent.trust.credentials
         old_gw, old_vm = gw.identity.serial, vm.identity.serial
 
-        # A leaf rotation on demand: SIGHUP renews both identities, same chain.
+        # A leaf rotation on demand: SIGHUP renews the identity, on a gateway and on an agent.
         assert await control.app.reload() is True
+        assert gw.identity.serial != old_gw
         assert await agent.reload() is True
-        assert gw.identity.serial != old_gw and vm.identity.serial != old_vm
+        assert vm.identity.serial != old_vm
 
         # A root rotation: the bundle with both roots, then the cluster CA under the new root.
         pki = control.cluster.dir / "pki"
