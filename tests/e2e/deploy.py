@@ -29,6 +29,7 @@ Layout (addresses from tests/testbed/topology.py):
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import hashlib
 import io
 import json
@@ -324,8 +325,6 @@ def _event_time(ev: dict[str, Any]) -> float:
             return float(v)
         if isinstance(v, str):
             with contextlib.suppress(ValueError):
-                import datetime as dt
-
                 return dt.datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
     return 0.0
 

@@ -12,6 +12,7 @@ plus 5 lookups/s per name at the VM's resolver.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 
 from federation.hlc import Stamp
 
-from .deploy import PEER_UNREACHABLE_AFTER, TRUST_DOMAIN, Deployment, wait_until
+from .deploy import PEER_UNREACHABLE_AFTER, TRUST_DOMAIN, Deployment, metric_sum, wait_until
 from .faults import (
     BASELINE_WEIGHTS,
     PolicyWriter,
@@ -273,7 +274,8 @@ def test_drill_4_control_node_crash(dep: Deployment, csv: Path) -> None:
         finally:
             writer.stop()
         ids, policies = read_snapshot(snapshot, "east")
-        last_ack = max((w for w in writer_acked), key=lambda w: Stamp.parse(w["version"]))
+        assert writer_acked, "no policy write was acknowledged before the kill"
+        last_ack = max(writer_acked, key=lambda w: Stamp.parse(w["version"]))
         on_disk = policies["reviews.default"]
         status, served = dep.east.api("GET", "/v1/services/default/reviews/traffic")
         all_acked = [w for w in writer.writes() if w["status"] == 200]
@@ -385,8 +387,6 @@ def test_drill_6_hostile_machines(dep: Deployment, csv: Path) -> None:
                                                      targets=["reviews"])))
         metrics_after = {c: dep.edges[c].metrics() for c in ("east", "west")}
         reasons = {}
-        from .deploy import metric_sum
-
         for c in ("east", "west"):
             for reason in ("untrusted_root", "cluster_mismatch"):
                 reasons[f"{c}:{reason}"] = metric_sum(
@@ -438,8 +438,6 @@ def test_drill_7_dns_under_garbage(dep: Deployment, csv: Path) -> None:
                 rss.append((time.time(), dep.vm.rss_fds()[0]))
                 time.sleep(1)
             t_end = time.time()
-        import json
-
         storm = json.loads(out.strip().splitlines()[-1]) if out.strip() else {"error": err}
         recs = load.records()
         lookups_quiet = rep.window("lookups_quiet", summarize(
