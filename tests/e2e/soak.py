@@ -255,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     from .harness import RATINGS, REVIEWS, WEB, LoadRun
 
     reason = e2e_skip_reason()
+    try:
+        import matplotlib  # noqa: F401 - the plot comes at the end: fail now, not in 30 min
+    except ImportError:
+        reason = reason or "needs matplotlib: pip install -e '.[e2e]'"
     if reason:
         print(f"soak: {reason}", file=sys.stderr)
         return 2
