@@ -132,10 +132,12 @@ def build_wheelhouse(dest: Path, cache: Path = WHEEL_CACHE) -> list[Path]:
                          + sys.version.encode()).hexdigest()[:16]
     deps = cache / key
     # Built from a copy: an in-tree build would leave build/ and *.egg-info in the checkout.
+    # Symlinks stay links (a tree may hold one that points back up, as Ansible collections do).
     src = dest.parent / "src"
     shutil.rmtree(src, ignore_errors=True)
-    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
-        ".git", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", "tests", "bench"))
+    shutil.copytree(REPO, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", "tests", "bench",
+        "ansible", "node_modules"))
     if not (deps / "complete").exists():
         tmp = cache / f"{key}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
