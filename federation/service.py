@@ -24,6 +24,7 @@ from discovery.names import ServiceKey
 from federation.feed import ExportedService, ExportFeed, FeedError
 from federation.hlc import HybridClock, Stamp
 from federation.peering import (
+    UNREACHABLE_AFTER,
     FeedServer,
     PeerLink,
     PeerState,
@@ -53,8 +54,10 @@ class Federation:
         export: Sequence[str] = ("*.default",),
         public_address: str | None = None,
         credentials: TlsCredentials | None = None,
+        peer_unreachable_after: float | None = UNREACHABLE_AFTER,
     ) -> None:
         self.cluster = cluster
+        self.peer_unreachable_after = peer_unreachable_after
         self.locality = locality
         self.catalog = catalog
         self.holder = holder
@@ -104,8 +107,10 @@ class Federation:
         self._on_table(self.holder.current)
         if self.credentials is not None:
             for peer, address in sorted(self.peer_addresses.items()):
-                link = PeerLink(self.cluster, peer, address, self.credentials, self._on_peer,
-                                on_status=self._on_status)
+                link = PeerLink(
+                    self.cluster, peer, address, self.credentials, self._on_peer,
+                    on_status=self._on_status, unreachable_after=self.peer_unreachable_after,
+                )
                 link.start()
                 self.links.append(link)
         elif self.peer_addresses:

@@ -162,6 +162,7 @@ class Appliance:
             export=cfg.federation.export,
             public_address=public,
             credentials=self.trust.credentials if self.trust else None,
+            peer_unreachable_after=cfg.federation.peer_unreachable_after,
         )
         try:
             await self.federation.start()
@@ -207,6 +208,7 @@ class Appliance:
                 lambda: self.trust.credentials.bundle,
                 own_identity=self.trust.credentials.spiffe_id,
             )
+            self.trust.issuer = issuer  # a reloaded cluster CA reaches it (SIGHUP)
             control_app = issuance_app(issuer)
             self.agent_hub = AgentHub(
                 catalog,
@@ -518,23 +520,24 @@ class Appliance:
             include=check_keys
         ):
             needs_restart.append("discovery check limits")
-        agent = self.agent_link is not None
-        if agent and new.discovery.workloads != self.config.discovery.workloads:
-            # An agent's workloads live in its control channel (registered at start), not in
-            # a catalog of its own: they change with a restart.
-            needs_restart.append("discovery.workloads")
         old = self.config
         self.config = new
         try:
             self._load_tokens()
-            if not agent:
+            if self.agent_link is not None:  # an agent: its control node holds the catalog
+                await self.agent_link.set_workloads(new.discovery.workloads)
+            else:
                 await self._sync_static_workloads()
-            if self.trust is not None:
-                self.trust.manager.reload_bundle()  # a root rotation step, see docs/trust.md
         except (StartupError, DiscoveryError, TrustError) as e:
             self.config = old
             log.error("reload failed, keeping the running config", extra={"error": str(e)})
             return False
+        if self.trust is not None:
+            # Root and leaf rotation steps (docs/operations.md): the bundle, the cluster CA,
+            # and a fresh identity now. A problem here keeps what runs; the rest is applied.
+            problems = await self.trust.refresh(new)
+            if problems:
+                log.error("trust reload incomplete", extra={"problems": problems})
         logs.setup(new.log.level, new.log.format)
         log.info("config reloaded", extra={"changed": changed, "needs_restart": needs_restart})
         return True

@@ -328,6 +328,8 @@ class PeerConfig(_Section):
 class FederationConfig(_Section):
     peers: list[PeerConfig] = []
     export: list[ExportGlob] = ["*.default"]
+    # A peer whose link has been down this long shows as `unreachable` instead of `stale`.
+    peer_unreachable_after: Annotated[float, _duration_between(1.0, 7 * 86400.0)] = 300.0
 
 
 class MonitorConfig(_Section):

@@ -11,6 +11,7 @@ from pathlib import Path
 from federation.trust import (
     CertificateAuthority,
     Identity,
+    IdentityIssuer,
     IdentityManager,
     LocalRenewer,
     RemoteRenewer,
@@ -48,6 +49,52 @@ class NodeTrust:
     credentials: TlsCredentials
     manager: IdentityManager
     authority: CertificateAuthority | None  # the cluster CA, on nodes that hold its key
+    issuer: IdentityIssuer | None = None  # the control listener's, which signs with `authority`
+
+    def reload_authority(self, cfg: Config) -> bool:
+        """Re-read trust.ca_cert/ca_key (a root rotation installs a cluster CA re-issued under
+        the new root); True if it changed and was swapped in for renewals and issuance."""
+        if self.authority is None:
+            return False
+        try:
+            ca = load_ca(Path(cfg.trust.ca_cert), Path(cfg.trust.ca_key))
+        except TrustError as e:
+            raise IdentityError(f"trust.ca_cert/ca_key: {e}") from None
+        if ca.cert == self.authority.cert:
+            return False
+        if ca.spiffe_id != self.authority.spiffe_id:
+            raise IdentityError(
+                f"trust.ca_cert: the CA is {ca.spiffe_id}, this node's cluster CA is "
+                f"{self.authority.spiffe_id}"
+            )
+        self.authority = ca
+        self.manager.renewer = LocalRenewer(ca)
+        if self.issuer is not None:
+            self.issuer.authority = ca
+        log.info("cluster CA reloaded", extra={
+            "issuer": ca.cert.issuer.rfc4514_string(),
+            "not_after": ca.cert.not_valid_after_utc.isoformat()})
+        return True
+
+    async def refresh(self, cfg: Config) -> list[str]:
+        """SIGHUP: re-read the bundle and the cluster CA, then renew this node's identity at
+        once - a leaf rotation on demand, and after a new cluster CA an identity chained to it.
+        Returns the problems (logged by the caller); a failed renewal keeps the current
+        identity, and the half-life renewal retries as usual."""
+        problems = []
+        try:
+            self.manager.reload_bundle()
+        except TrustError as e:
+            problems.append(f"trust.bundle: {e}")
+        try:
+            self.reload_authority(cfg)
+        except IdentityError as e:
+            problems.append(str(e))
+        try:
+            await self.manager.renew_now()
+        except (TrustError, OSError) as e:
+            problems.append(f"identity renewal: {e}")
+        return problems
 
 
 def ensure_local_pki(cfg: Config) -> None:
