@@ -150,7 +150,7 @@ def map_entry(entry: Any, rules: MappingRules) -> Instance:
         address=address,
         ports=ports,
         cluster=rules.cluster,
-        labels=_labels(meta, tags, rules),
+        labels=_labels(meta, tags, rules, registered),
         locality=locality,
         weight=_weight(svc, meta, warned),
         check=_check(meta, checks, service_id) if registered else None,
@@ -278,7 +278,11 @@ def _weight(svc: Mapping[str, Any], meta: Mapping[str, str], warned: bool) -> in
     return max(0, min(MAX_WEIGHT, value))
 
 
-def _labels(meta: Mapping[str, str], tags: list[str], rules: MappingRules) -> dict[str, str]:
+def _labels(
+    meta: Mapping[str, str], tags: list[str], rules: MappingRules, registered: bool
+) -> dict[str, str]:
+    """Isthmus writes labels as `key=value` tags (and the namespace into meta): every such tag
+    of a service it registered is a label, whatever its key."""
     reserved = {rules.namespace_meta_key, rules.port_name_meta_key}
     found: dict[str, str] = {}
     for key in sorted(meta):
@@ -287,7 +291,8 @@ def _labels(meta: Mapping[str, str], tags: list[str], rules: MappingRules) -> di
             continue
         found[key] = meta[key]
     for tag in sorted(tags):
-        if rules.namespace_tag_prefix and tag.startswith(rules.namespace_tag_prefix):
+        if (not registered and rules.namespace_tag_prefix
+                and tag.startswith(rules.namespace_tag_prefix)):
             continue
         key, eq, value = tag.partition("=")
         if eq:

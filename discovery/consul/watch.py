@@ -61,7 +61,7 @@ class BlockingQuery:
         self.failures = 0
         first = not self.answered_once
         self.answered_once = True
-        if index < previous:
+        if previous > 0 and index < previous:
             self.index = 0
             return Answer(changed=True, reset=True)
         self.index = max(index, 1)

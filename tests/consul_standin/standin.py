@@ -190,6 +190,7 @@ class Logged:
     endpoint: str
     status: int
     token: bool
+    query: dict[str, str] = field(default_factory=dict)
 
 
 # --- the server -------------------------------------------------------------------------------
@@ -440,7 +441,8 @@ class ConsulStandIn:
             status = e.status
             return web.Response(status=e.status, text=e.text)
         finally:
-            self.log.append(Logged(request.method, endpoint, status, token is not None))
+            self.log.append(Logged(request.method, endpoint, status, token is not None,
+                                   {k: v for k, v in request.query.items() if k != "token"}))
 
     def _policy(self, request: web.Request) -> Policy | None:
         """None: the anonymous token of a default-deny ACL system."""
@@ -736,6 +738,11 @@ class ConsulStandIn:
     async def _catalog_deregister_http(self, request: web.Request) -> web.Response:
         body = await self._body(request)
         self._require(request, True, "node:write,service:write")
+        self.deregister_entity(body)
+        return self._json(True)
+
+    def deregister_entity(self, body: dict[str, Any]) -> None:
+        """What `PUT /v1/catalog/deregister` does."""
         node, sid, cid = _key(body, "Node"), _key(body, "ServiceID"), _key(body, "CheckID")
 
         def apply(i: int) -> None:
@@ -751,13 +758,13 @@ class ConsulStandIn:
                 self.state.nodes.pop(node, None)
                 self.state.nodes_index = i
         self._write(apply)
-        return self._json(True)
 
     # KV ---------------------------------------------------------------------------------------
     async def _kv_get(self, request: web.Request, key: str) -> web.Response:
         self._check_dc(request)
         self._require(request, False, f"key:read on {key!r}")
-        recurse = "recurse" in request.query
+        keys_only = "keys" in request.query
+        recurse = "recurse" in request.query or keys_only
 
         def current() -> int:
             if recurse:
@@ -771,6 +778,8 @@ class ConsulStandIn:
                           if (k.startswith(key) if recurse else k == key)), key=lambda e: e.key)
         if not entries:
             return web.Response(status=404, headers={"X-Consul-Index": str(current())})
+        if keys_only:
+            return self._json([e.key for e in entries], current())
         return self._json([_kv_json(e) for e in entries], current())
 
     async def _kv_put(self, request: web.Request, key: str) -> web.Response:
