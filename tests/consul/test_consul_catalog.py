@@ -335,3 +335,43 @@ async def test_a_second_standin_address_is_its_own_catalog() -> None:
             await c.close()
     finally:
         await s.stop()
+
+
+async def test_vm_agents_register_through_their_channel_into_consul(standin: ConsulStandIn
+                                                                    ) -> None:
+    from discovery.health import HealthChecker
+    from federation.agentlink import _handle
+    from federation.trust.spiffe import Kind, SpiffeId
+
+    vm1 = SpiffeId.for_node("mesh.test", "east", Kind.AGENT, "vm-1")
+    vm2 = SpiffeId.for_node("mesh.test", "east", Kind.AGENT, "vm-2")
+    body = {"service": "web", "address": "127.0.0.21", "ports": {"http": 80},
+            "check": {"tcp": "127.0.0.21:80", "interval": "10s"}}
+    c = await open_catalog(standin)
+    checker = HealthChecker(c)
+    await checker.start()
+    try:
+        def msg(kind: str, **more: object) -> str:
+            return json.dumps({"type": kind, "id": "web-vm1", **more})
+
+        reply = await _handle(c, "east", vm1, msg("register", workload=body))
+        assert reply["ok"], reply
+        assert standin.agent_services()["web-vm1"].meta["isthmus-source"] == str(vm1)
+        assert standin.agent_checks()["service:web-vm1"].type == "tcp"
+        reply = await _handle(c, "east", vm2, msg("register", workload=body))
+        assert not reply["ok"] and "belongs to" in reply["error"]
+        reply = await _handle(c, "east", vm2, msg("deregister"))
+        assert not reply["ok"] and "belongs to" in reply["error"]
+        # the agent's channel drops: its workloads are held critical, in Consul
+        checker.source_down(str(vm1), "agent vm-1 disconnected")
+        await until(lambda: "_service_maintenance:web-vm1" in standin.agent_checks(),
+                    "maintenance mode on")
+        checker.source_up(str(vm1))
+        await until(lambda: "_service_maintenance:web-vm1" not in standin.agent_checks(),
+                    "maintenance mode off")
+        reply = await _handle(c, "east", vm1, msg("leave"))
+        assert reply["removed"] == ["web-vm1"]
+        assert "web-vm1" not in standin.agent_services()
+    finally:
+        await checker.stop()
+        await c.close()
