@@ -126,6 +126,7 @@ class ConsulCatalog(Catalog):
         self._watches: dict[str, asyncio.Task[None]] = {}
         self._services_task: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._refreshes: set[asyncio.Task[None]] = set()
         self._unread: set[str] = set()
         self._services_read = False
         self._pending: dict[str, _Pending] = {}
@@ -171,7 +172,7 @@ class ConsulCatalog(Catalog):
         if self._closed:
             return
         self._closed = True
-        tasks = [*self._tasks, *self._watches.values()]
+        tasks = [*self._tasks, *self._watches.values(), *self._refreshes]
         if self._services_task is not None:
             tasks.append(self._services_task)
         for t in tasks:
@@ -235,7 +236,8 @@ class ConsulCatalog(Catalog):
         self._log_transition(self._conn.ok(what, time.time()))
 
     def _failed(self, what: str, error: Exception) -> None:
-        self._ready.set()  # start-up does not wait for Consul
+        if not what.startswith("service "):
+            self._ready.set()  # start-up does not wait for an unreachable Consul
         self._log_transition(self._conn.failed(what, str(error), time.time()))
 
     def _log_transition(self, t: Transition | None) -> None:
@@ -557,7 +559,9 @@ class ConsulCatalog(Catalog):
                         extra={"workload": wid, "service": p.consul_name,
                                "write": "deregister" if p.state is None else "register"})
             if self._conn.state is State.CONNECTED:
-                self._tasks.append(asyncio.create_task(self._refresh(p.consul_name)))
+                task = asyncio.create_task(self._refresh(p.consul_name))
+                self._refreshes.add(task)
+                task.add_done_callback(self._refreshes.discard)
 
     async def _refresh(self, name: str) -> None:
         with contextlib.suppress(StoreError):

@@ -43,14 +43,13 @@ class BlockingQuery:
     _stamp: float | None = None
 
     def delay(self, now: float) -> float:
-        """Seconds to hold the next request back (0: send it now). Takes a token when 0."""
+        """Seconds to hold the next request back (0: send it now). Either way the request's
+        token is taken: a delayed request has its slot reserved, so the rate holds."""
         if self._stamp is not None:
             self._tokens = min(BURST, self._tokens + (now - self._stamp) / self.min_interval)
         self._stamp = now
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return 0.0
-        return (1 - self._tokens) * self.min_interval
+        self._tokens -= 1
+        return max(0.0, -self._tokens * self.min_interval)
 
     def params(self) -> tuple[int, float]:
         """(index, wait) for the next request; index 0 means a plain read that returns at once."""

@@ -375,3 +375,28 @@ async def test_vm_agents_register_through_their_channel_into_consul(standin: Con
     finally:
         await checker.stop()
         await c.close()
+
+
+async def test_a_write_is_shown_until_the_catalog_shows_it(standin: ConsulStandIn) -> None:
+    foreign(standin, "vm-1", "api-0", "api", "127.0.0.5", 80)
+    c = await open_catalog(standin)
+    try:
+        standin.sync_delay = 0.5  # anti-entropy takes a while
+        await c.put(workload("api-1"))
+        # another change to the service wakes its watch before our write reached the catalog
+        foreign(standin, "vm-2", "api-2", "api", "127.0.0.6", 80)
+        await until(lambda: len(c.workloads(ServiceKey("api"))) == 3, "the other change")
+        assert c.report()["consul"]["pending_writes"] == 1
+        c.get("api-1")  # still shown: the read that missed it did not remove it
+        await until(lambda: c.report()["consul"]["pending_writes"] == 0, "our write in a read")
+        assert c.get("api-1").workload == workload("api-1")
+        await c.delete("api-1")
+        foreign(standin, "vm-3", "api-3", "api", "127.0.0.7", 80)
+        await until(lambda: len(c.workloads(ServiceKey("api"))) == 3, "the next change")
+        with pytest.raises(NotFound):
+            c.get("api-1")  # not shown again by a read from before the deregistration landed
+        await until(lambda: c.report()["consul"]["pending_writes"] == 0, "the removal in a read")
+        with pytest.raises(NotFound):
+            c.get("api-1")
+    finally:
+        await c.close()

@@ -55,10 +55,10 @@ def test_rate_limit_allows_a_burst_of_two_then_one_per_interval() -> None:
     q = BlockingQuery(wait=300, min_interval=15)
     assert q.delay(0.0) == 0
     assert q.delay(0.0) == 0
-    assert q.delay(0.0) == pytest.approx(15)
-    assert q.delay(15.0) == 0  # a token came back
-    assert q.delay(16.0) == pytest.approx(14)
+    assert q.delay(0.0) == pytest.approx(15)  # the third goes at 15
+    assert q.delay(15.0) == pytest.approx(15)  # the fourth at 30: one per interval holds
     assert q.delay(100.0) == 0 and q.delay(100.0) == 0  # idle long enough: the burst again
+    assert q.delay(100.0) == pytest.approx(15)
 
 
 def test_connectivity_reports_each_change_once() -> None:

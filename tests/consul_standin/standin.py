@@ -174,6 +174,10 @@ class State:
     kv_index: int = 1
     service_index: dict[str, int] = field(default_factory=dict)
     extinction_index: int = 0
+    # lookups, kept in step with the tables above
+    by_name: dict[str, set[tuple[str, str]]] = field(default_factory=dict)
+    by_node: dict[str, set[tuple[str, str]]] = field(default_factory=dict)
+    node_checks: dict[str, set[str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -221,6 +225,9 @@ class ConsulStandIn:
         # Consul reaps critical services no sooner than a minute; tests may lower it.
         self.reap_floor = reap_floor
         self.rng = rng or random.Random()
+        # how long an agent registration takes to reach the catalog (Consul: anti-entropy,
+        # usually milliseconds); 0: at once
+        self.sync_delay = 0.0
         self.state = State()
         self.requests: collections.Counter[str] = collections.Counter()
         self.log: collections.deque[Logged] = collections.deque(maxlen=10_000)
@@ -250,6 +257,8 @@ class ConsulStandIn:
     async def start(self) -> None:
         app = web.Application(middlewares=[self._middleware])
         app.router.add_route("*", "/v1/{path:.*}", self._dispatch)
+        # not Consul: the stand-in's own request counts, for benchmarks in another process
+        app.router.add_get("/standin/requests", self._requests)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context,
@@ -315,13 +324,15 @@ class ConsulStandIn:
 
     def _ensure_node(self, node: Node, i: int) -> None:
         old = self.state.nodes.get(node.name)
+        if old is not None and (old.address, old.meta, old.tagged) == (
+                node.address, node.meta, node.tagged):
+            return  # as Consul: an unchanged node is not written (no index moves)
         node.create_index = old.create_index if old else i
         node.modify_index = i
         self.state.nodes[node.name] = node
         self.state.nodes_index = i
-        for s in self.state.services.values():
-            if s.node == node.name:
-                self._touch_service(s.name, i)
+        for key in self.state.by_node.get(node.name, ()):
+            self._touch_service(self.state.services[key].name, i)
 
     def _ensure_service(self, svc: Service, i: int) -> bool:
         old = self.state.services.get((svc.node, svc.id))
@@ -329,7 +340,12 @@ class ConsulStandIn:
             return False
         svc.create_index = old.create_index if old else i
         svc.modify_index = i
-        self.state.services[(svc.node, svc.id)] = svc
+        key = (svc.node, svc.id)
+        self.state.services[key] = svc
+        self.state.by_node.setdefault(svc.node, set()).add(key)
+        if old is not None:
+            self.state.by_name.get(old.name, set()).discard(key)
+        self.state.by_name.setdefault(svc.name, set()).add(key)
         self.state.services_index = i
         if old is not None and old.name != svc.name:
             self._forget_service_name(old.name, i)
@@ -337,7 +353,8 @@ class ConsulStandIn:
         return True
 
     def _forget_service_name(self, name: str, i: int) -> None:
-        if not any(s.name == name for s in self.state.services.values()):
+        if not self.state.by_name.get(name):
+            self.state.by_name.pop(name, None)
             self.state.service_index.pop(name, None)
             self.state.extinction_index = i
         else:
@@ -347,9 +364,11 @@ class ConsulStandIn:
         svc = self.state.services.pop((node, sid), None)
         if svc is None:
             return False
-        for key in [k for k, c in self.state.checks.items()
-                    if c.node == node and c.service_id == sid]:
-            self._drop_check(key, i)
+        self.state.by_node.get(node, set()).discard((node, sid))
+        self.state.by_name.get(svc.name, set()).discard((node, sid))
+        for cid in sorted(self.state.node_checks.get(node, ())):
+            if self.state.checks[(node, cid)].service_id == sid:
+                self._drop_check((node, cid), i)
         self.state.services_index = i
         self._forget_service_name(svc.name, i)
         return True
@@ -367,11 +386,13 @@ class ConsulStandIn:
             if svc is not None:
                 chk.service_name, chk.service_tags = svc.name, list(svc.tags)
         self.state.checks[key] = chk
+        self.state.node_checks.setdefault(chk.node, set()).add(chk.check_id)
         self.state.checks_index = i
         self._touch_for_check(chk, i)
 
     def _drop_check(self, key: tuple[str, str], i: int) -> None:
         chk = self.state.checks.pop(key, None)
+        self.state.node_checks.get(key[0], set()).discard(key[1])
         task = self._tasks.pop(key, None)
         if task is not None:
             task.cancel()
@@ -384,9 +405,8 @@ class ConsulStandIn:
             if chk.service_name:
                 self._touch_service(chk.service_name, i)
         else:  # a node check: every service on the node
-            for s in self.state.services.values():
-                if s.node == chk.node:
-                    self._touch_service(s.name, i)
+            for key in self.state.by_node.get(chk.node, ()):
+                self._touch_service(self.state.services[key].name, i)
 
     def set_status(self, node: str, check_id: str, status: str, output: str = "") -> bool:
         """A check result: only a status change is written through (Consul holds output-only
@@ -413,14 +433,21 @@ class ConsulStandIn:
         self._catalog_register(body)
 
     def agent_services(self) -> dict[str, Service]:
-        return {s.id: s for (n, _), s in self.state.services.items() if n == self.node_name}
+        return {sid: self.state.services[(n, sid)]
+                for n, sid in self.state.by_node.get(self.node_name, ())}
 
     def agent_checks(self) -> dict[str, Check]:
-        return {c.check_id: c for (n, _), c in self.state.checks.items() if n == self.node_name}
+        return {cid: self.state.checks[(self.node_name, cid)]
+                for cid in self.state.node_checks.get(self.node_name, ())}
 
     # HTTP ---------------------------------------------------------------------------------------
+    async def _requests(self, request: web.Request) -> web.Response:
+        return self._json(dict(self.requests))
+
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path.startswith("/standin/"):
+            return await handler(request)
         endpoint = _endpoint_name(request)
         self.requests[endpoint] += 1
         token = _token(request)
@@ -567,11 +594,11 @@ class ConsulStandIn:
         passing = request.query.get("passing") not in (None, "0", "false")
         entries = []
         if self._may_read(request):
-            for svc in sorted(self.state.services.values(), key=lambda s: (s.node, s.id)):
-                if svc.name != name:
-                    continue
-                checks = [c for c in self.state.checks.values() if c.node == svc.node
-                          and c.service_id in ("", svc.id)]
+            for key in sorted(self.state.by_name.get(name, ())):
+                svc = self.state.services[key]
+                checks = [c for c in (self.state.checks[(svc.node, cid)]
+                                      for cid in self.state.node_checks.get(svc.node, ()))
+                          if c.service_id in ("", svc.id)]
                 if passing and any(c.status != "passing" for c in checks):
                     continue
                 entries.append({
@@ -636,20 +663,30 @@ class ConsulStandIn:
                     c.status, c.output = old.status, old.output  # a re-registration keeps it
                 if old is None or not _same_check(old, c) or changed:
                     self._ensure_check(c, i)
-        self._write(apply)
-        now = time.monotonic()
-        for c in checks:
-            key = (self.node_name, c.check_id)
-            if self.state.checks[key].status == "critical":
-                self._critical_since.setdefault(key, now)
-            self._run_check(key)
+        def sync() -> None:  # the agent's anti-entropy: into the catalog
+            self._write(apply)
+            now = time.monotonic()
+            for c in checks:
+                key = (self.node_name, c.check_id)
+                if self.state.checks[key].status == "critical":
+                    self._critical_since.setdefault(key, now)
+                self._run_check(key)
+
+        self._later(sync)
         return web.Response(status=200)
+
+    def _later(self, sync: Callable[[], None]) -> None:
+        """Apply an agent write to the catalog now, or after `sync_delay` (anti-entropy)."""
+        if self.sync_delay > 0:
+            asyncio.get_running_loop().call_later(self.sync_delay, sync)
+        else:
+            sync()
 
     async def _agent_deregister(self, request: web.Request, sid: str) -> web.Response:
         svc = self.state.services.get((self.node_name, sid))
         self._require(request, True, f"service:write on {svc.name if svc else sid!r}")
         if svc is not None:
-            self._write(lambda i: self._remove_service(self.node_name, sid, i))
+            self._later(lambda: self._write(lambda i: self._remove_service(self.node_name, sid, i)))
         return web.Response(status=200)
 
     async def _agent_maintenance(self, request: web.Request, sid: str) -> web.Response:
@@ -751,10 +788,10 @@ class ConsulStandIn:
             elif cid:
                 self._drop_check((node, cid), i)
             else:
-                for key in [k for k in self.state.services if k[0] == node]:
+                for key in sorted(self.state.by_node.get(node, ())):
                     self._remove_service(*key, i)
-                for key in [k for k in self.state.checks if k[0] == node]:
-                    self._drop_check(key, i)
+                for cid in sorted(self.state.node_checks.get(node, ())):
+                    self._drop_check((node, cid), i)
                 self.state.nodes.pop(node, None)
                 self.state.nodes_index = i
         self._write(apply)
