@@ -33,16 +33,16 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import consul.aio  # noqa: E402
+import consul.aio
 
-from discovery.consul.client import ConsulOptions  # noqa: E402
-from discovery.consul.mapping import MappingRules  # noqa: E402
-from discovery.consul.store import ConsulCatalog  # noqa: E402
-from discovery.durations import parse_duration  # noqa: E402
-from discovery.model import Locality  # noqa: E402
-from discovery.names import ServiceKey  # noqa: E402
-from federation.routing import RoutingTable, TableHolder  # noqa: E402
-from federation.table import TableBuilder  # noqa: E402
+from discovery.consul.client import ConsulOptions
+from discovery.consul.mapping import MappingRules
+from discovery.consul.store import ConsulCatalog
+from discovery.durations import parse_duration
+from discovery.model import Locality
+from discovery.names import ServiceKey
+from federation.routing import RoutingTable, TableHolder
+from federation.table import TableBuilder
 
 CLUSTER = "bench"
 DRIVER = {"PUT catalog/register", "PUT catalog/deregister", "GET standin"}

@@ -790,8 +790,8 @@ class ConsulStandIn:
             else:
                 for key in sorted(self.state.by_node.get(node, ())):
                     self._remove_service(*key, i)
-                for cid in sorted(self.state.node_checks.get(node, ())):
-                    self._drop_check((node, cid), i)
+                for check in sorted(self.state.node_checks.get(node, ())):
+                    self._drop_check((node, check), i)
                 self.state.nodes.pop(node, None)
                 self.state.nodes_index = i
         self._write(apply)

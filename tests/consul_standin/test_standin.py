@@ -287,3 +287,17 @@ async def test_stop_and_start_on_the_same_address(standin) -> None:
     finally:
         await c.close()
     assert "web" in services  # the data outlives the listener
+
+
+async def test_a_check_or_a_whole_node_can_be_deregistered(standin) -> None:
+    standin.register_entity(copy.deepcopy(fixtures.CATALOG_REGISTER_PAYLOAD))
+    c = client_for(standin)
+    try:
+        assert await c.catalog.deregister("t2.320", check_id="service:redis1")
+        _, (entry,) = await c.health.service("redis")
+        assert entry["Checks"] == []
+        assert await c.catalog.deregister("t2.320")
+        _, entries = await c.health.service("redis")
+    finally:
+        await c.close()
+    assert entries == [] and "t2.320" not in standin.state.nodes
