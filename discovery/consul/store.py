@@ -86,6 +86,8 @@ CAS_ATTEMPTS = 8
 # probe and writes.
 RESERVED_CONNECTIONS = 8
 MAX_SKIPPED_REPORTED = 20
+# Liveness probes failed in a row that make an outage: afterwards every query is re-issued.
+OUTAGE_PROBES = 2
 
 
 @dataclass(slots=True)
@@ -223,6 +225,11 @@ class ConsulCatalog(Catalog):
         async with self._write_slots:
             return await self._request(endpoint, fn(*args, **kw))
 
+    def _spread(self, wait: float) -> float:
+        """A wait shortened by up to 1/16 at random: queries started together (at start-up,
+        after an outage) drift apart instead of all returning at once, every `wait`."""
+        return round(wait * self._rng.uniform(15 / 16, 1.0), 3)
+
     def _blocking_timeout(self, wait: float) -> float:
         return wait + wait / 16 + self.options.request_timeout  # Consul adds up to wait/16
 
@@ -318,6 +325,7 @@ class ConsulCatalog(Catalog):
                 if self.node is None:
                     await self._bootstrap()
                 index, wait = q.params()
+                wait = self._spread(wait)
                 if "services" in self._conn.failing:
                     index = 0  # after a failure, a plain read: its answer proves recovery
                 raw, services = await self._request(
@@ -384,7 +392,7 @@ class ConsulCatalog(Catalog):
             failure: StoreError | None = None
             async with self._slots:
                 index, wait = q.params()
-                wait = effective_wait(wait, slots, len(self._watches))
+                wait = self._spread(effective_wait(wait, slots, len(self._watches)))
                 if f"service {name}" in self._conn.failing:
                     index = 0  # after a failure, a plain read: its answer proves recovery
                 try:
@@ -517,19 +525,23 @@ class ConsulCatalog(Catalog):
     async def _liveness(self) -> None:
         """A non-blocking request every `liveness_interval`: blocking queries alone cannot tell a
         hung Consul from a quiet one. When Consul answers again, every query is re-issued."""
+        missed = 0  # liveness probes failed in a row
         while True:
             await asyncio.sleep(self.options.liveness_interval)
-            was_failing = "liveness" in self._conn.failing
             try:
                 leader = await self._request("status/leader", self._client.status.leader())
                 if not leader:
                     raise ConsulUnavailable("status/leader: the Consul cluster has no leader")
             except StoreError as e:
+                missed += 1
                 self._failed("liveness", e)
             else:
                 self._ok("liveness")
-                if self._conn.failing or was_failing:
-                    self._resync(everything=was_failing)
+                # After an outage every query is re-issued (one held by a hung Consul may never
+                # return); after one slow probe, only the failed ones (no storm of re-reads).
+                if self._conn.failing or missed:
+                    self._resync(everything=missed >= OUTAGE_PROBES)
+                missed = 0
             self._expire_pending()
             if (self._dirty and self._conn.state is State.CONNECTED
                     and time.monotonic() - self._saved_at >= SNAPSHOT_EVERY):

@@ -232,10 +232,12 @@ class ConsulStandIn:
         self.requests: collections.Counter[str] = collections.Counter()
         self.log: collections.deque[Logged] = collections.deque(maxlen=10_000)
         self.failure: tuple[int, str] | None = None
-        self.hanging = asyncio.Event()  # set: requests are held
-        self._released = asyncio.Event()
+        self._released = asyncio.Event()  # clear: requests are held
         self._released.set()
-        self._changed = asyncio.Event()
+        # blocked reads wait on a topic ("services", "service:<name>", "kv", "any"): a write
+        # wakes only the reads it can concern, as Consul's watch sets do
+        self._topics: dict[str, asyncio.Event] = {}
+        self._touched: set[str] = set()
         self._runner: web.AppRunner | None = None
         self._tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._reaper: asyncio.Task[None] | None = None
@@ -311,16 +313,31 @@ class ConsulStandIn:
     # the data -----------------------------------------------------------------------------------
     def _write(self, apply: Callable[[int], Any]) -> Any:
         self.state.index += 1
-        out = apply(self.state.index)
-        self._notify()
-        return out
+        before = (self.state.services_index, self.state.kv_index, self.state.extinction_index)
+        try:
+            return apply(self.state.index)
+        finally:
+            after = (self.state.services_index, self.state.kv_index, self.state.extinction_index)
+            for topic, b, a in zip(("services", "kv", "extinction"), before, after, strict=True):
+                if a != b:
+                    self._touched.add(topic)
+            self._touched.add("any")
+            self._notify(self._touched)
+            self._touched = set()
 
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
+    def _notify(self, topics: set[str] | None = None) -> None:
+        """Wake the reads waiting on `topics` (None: every read)."""
+        for topic in list(self._topics) if topics is None else topics:
+            event = self._topics.pop(topic, None)
+            if event is not None:
+                event.set()
+
+    def _topic(self, topic: str) -> asyncio.Event:
+        return self._topics.setdefault(topic, asyncio.Event())
 
     def _touch_service(self, name: str, i: int) -> None:
         self.state.service_index[name] = i
+        self._touched.add(f"service:{name}")
 
     def _ensure_node(self, node: Node, i: int) -> None:
         old = self.state.nodes.get(node.name)
@@ -515,7 +532,8 @@ class ConsulStandIn:
         raise ConsulError(404, f"stand-in: no endpoint /v1/{path}")
 
     # reads ------------------------------------------------------------------------------------
-    async def _block(self, request: web.Request, current: Callable[[], int]) -> None:
+    async def _block(self, request: web.Request, current: Callable[[], int],
+                     topic: Callable[[], str] = lambda: "any") -> None:
         q = request.query
         if "index" not in q:
             return
@@ -536,7 +554,7 @@ class ConsulStandIn:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            event = self._changed
+            event = self._topic(topic())
             try:
                 async with asyncio.timeout(remaining):
                     await event.wait()
@@ -573,7 +591,7 @@ class ConsulStandIn:
 
     async def _catalog_services(self, request: web.Request) -> web.Response:
         self._check_dc(request)
-        await self._block(request, lambda: self.state.services_index)
+        await self._block(request, lambda: self.state.services_index, lambda: "services")
         out: dict[str, set[str]] = {}
         if self._may_read(request):
             for s in self.state.services.values():
@@ -590,7 +608,9 @@ class ConsulStandIn:
 
     async def _health_service(self, request: web.Request, name: str) -> web.Response:
         self._check_dc(request)
-        await self._block(request, lambda: self._service_index(name))
+        await self._block(request, lambda: self._service_index(name),
+                          lambda: f"service:{name}" if name in self.state.service_index
+                          else "any")
         passing = request.query.get("passing") not in (None, "0", "false")
         entries = []
         if self._may_read(request):
@@ -810,7 +830,7 @@ class ConsulStandIn:
             e = self.state.kv.get(key)
             return e.modify_index if e else self.state.kv_index
 
-        await self._block(request, current)
+        await self._block(request, current, lambda: "kv")
         entries = sorted((e for k, e in self.state.kv.items()
                           if (k.startswith(key) if recurse else k == key)), key=lambda e: e.key)
         if not entries:
