@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import collections
 import json
+import logging
 import random
 import statistics
 import subprocess
@@ -238,7 +239,18 @@ def fmt_endpoints(d: dict[str, float]) -> str:
     return "(" + ", ".join(f"{k}: {v:,.0f}" for k, v in d.items()) + ")"
 
 
+class _Reasons(logging.Handler):
+    """State changes of the catalog, with their reason, on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        reason = getattr(record, "reason", "")
+        print(f"[{time.strftime('%H:%M:%S')}] {record.getMessage()} {reason}", file=sys.stderr)
+
+
 def main() -> None:
+    handler = _Reasons(logging.WARNING)
+    logging.getLogger("discovery").addHandler(handler)
+    logging.getLogger("discovery").propagate = False
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--services", type=int, default=5000)
