@@ -187,7 +187,11 @@ async def run(a: argparse.Namespace) -> None:
             rows.append((f"start-up: {a.services:,} services read (one query each)",
                          f"{t_open:.1f} s"))
             rows.append(("start-up: ... and the routing table built", f"{t_table:.1f} s"))
-            await asyncio.sleep(5)  # every watch has its blocking query in place
+            # at rest from here: every service has had its first read and its blocking query
+            async with asyncio.timeout(300):
+                while (await requests(session, standin.address))["GET health/service"] < \
+                        2 * a.services:
+                    await asyncio.sleep(0.5)
 
             before = await requests(session, standin.address)
             await asyncio.sleep(a.rest_seconds)

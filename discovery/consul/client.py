@@ -84,6 +84,10 @@ def make_client(o: ConsulOptions) -> consul.aio.Consul:
             cert=cert,
             consistency="stale" if o.stale_reads else "default",
             connections_limit=o.max_connections,
+            # aiohttp's default session timeout (300 s in total) would cut a blocking query
+            # of the default 5 minutes plus Consul's jitter: every request is bounded by
+            # `call` instead, and this only has to outlast the longest of them.
+            connections_timeout=o.wait + o.wait / 16 + o.request_timeout + 60.0,
         )
     # py-consul reads CONSUL_HTTP_TOKEN over the token it is given: the config decides alone.
     client.token = o.token

@@ -246,3 +246,17 @@ async def test_4xx_is_a_refusal_not_an_outage(standin: ConsulStandIn) -> None:
             await call("kv", client.kv.put("isthmus/big", "x" * 600_000), 2)
     finally:
         await client.close()
+
+
+@pytest.mark.parametrize("wait", [300.0, 600.0])
+async def test_the_http_client_outlasts_the_longest_blocking_query(wait: float) -> None:
+    """aiohttp gives a session 300 s in total by default: a blocking query of the default
+    5 minutes plus Consul's wait/16 of jitter was cut by the client and read as an outage."""
+    from discovery.consul.client import make_client
+    o = ConsulOptions(wait=wait, request_timeout=10.0)
+    client = make_client(o)
+    try:
+        total = client.http._session.timeout.total
+        assert total is None or total > wait + wait / 16 + o.request_timeout
+    finally:
+        await client.close()
