@@ -146,16 +146,17 @@ class Driver:
                 self.extra.add(n)
                 exp.expect(f"svc{n}", 2, 1 if n in self.critical else 2)
                 await self.client.catalog.register(
-                    node, f"10.200.{n % 250}.{n % 200 + 1}",
+                    node, f"10.200.{n % 500 // 250}.{n % 250 + 1}", skip_node_update=True,
                     service={"ID": f"svc{n}-x", "Service": f"svc{n}", "Port": 8080,
+                             "Address": f"10.200.{n % 250}.{n % 200 + 1}",
                              "Meta": {"isthmus-port": "http"}})
         else:  # the first instance's check flips
             total = 2 if n in self.extra else 1
             status = "passing" if n in self.critical else "critical"
             (self.critical.discard if status == "passing" else self.critical.add)(n)
             exp.expect(f"svc{n}", total, total - (n in self.critical))
-            await self.client.catalog.register(
-                f"vm-{n % 500}-0", f"10.{n % 250}.0.{n % 200 + 1}",
+            await self.client.catalog.register(  # the node itself unchanged
+                f"vm-{n % 500}-0", f"10.{n % 250}.0.{n % 200 + 1}", skip_node_update=True,
                 check={"CheckID": f"service:svc{n}-0", "Name": "http", "Status": status,
                        "ServiceID": f"svc{n}-0"})
 
@@ -205,11 +206,13 @@ async def run(a: argparse.Namespace) -> None:
             for _ in range(a.samples):  # one change at a time
                 exp.done.clear()
                 await driver.change(exp)
-                async with asyncio.timeout(60):
+                async with asyncio.timeout(a.change_timeout):
                     await exp.done.wait()
             rows.append(("change -> routing table, one change at a time",
                          summary(exp.latencies)))
 
+            if not a.churn_seconds:
+                return
             exp.latencies.clear()
             before = await requests(session, standin.address)
             t0 = time.perf_counter()
@@ -232,6 +235,10 @@ async def run(a: argparse.Namespace) -> None:
             await catalog.close()
             await client.close()
             await session.close()
+            report(a, rows)
+
+
+def report(a: argparse.Namespace, rows: list[tuple[str, str]]) -> None:
     print(f"\nconsul_bench against the Consul STAND-IN: {a.services:,} services, wait "
           f"{a.wait}, max_connections {a.max_connections}\n")
     print("| measure | value |\n|---|---|")
@@ -265,6 +272,8 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=200)
     p.add_argument("--churn-seconds", type=float, default=60)
     p.add_argument("--churn-rate", type=float, default=10, help="changes per second")
+    p.add_argument("--change-timeout", type=float, default=60,
+                   help="seconds a change may take to reach the routing table")
     asyncio.run(run(p.parse_args()))
 
 

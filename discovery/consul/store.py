@@ -865,10 +865,6 @@ class ConsulCatalog(Catalog):
     def subscribe(self, listener: ChangeListener) -> Callable[[], None]:
         return self._view.subscribe(listener)
 
-    def instance(self, workload_id: str) -> Instance | None:
-        """The Consul instance behind a workload, as last read (node, service ID, ...)."""
-        return self._instances.get(workload_id)
-
 
 def _nothing() -> None:
     pass
