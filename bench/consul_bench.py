@@ -189,7 +189,7 @@ async def run(a: argparse.Namespace) -> None:
                          f"{t_open:.1f} s"))
             rows.append(("start-up: ... and the routing table built", f"{t_table:.1f} s"))
             # at rest from here: every service has had its first read and its blocking query
-            async with asyncio.timeout(300):
+            async with asyncio.timeout(max(300.0, 2 * wait)):
                 while (await requests(session, standin.address))["GET health/service"] < \
                         2 * a.services:
                     await asyncio.sleep(0.5)

@@ -4,6 +4,7 @@ TLS), the snapshot for a start without Consul, and health checks left to Consul.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -260,3 +261,24 @@ async def test_the_http_client_outlasts_the_longest_blocking_query(wait: float) 
         assert total is None or total > wait + wait / 16 + o.request_timeout
     finally:
         await client.close()
+
+
+@pytest.mark.parametrize(("missed", "reissued"), [(1, False), (3, True)])
+async def test_only_an_outage_re_issues_every_query(standin: ConsulStandIn, missed: int,
+                                                    reissued: bool) -> None:
+    """One slow or failed liveness probe re-issues only the queries that failed (with 5,000
+    services, re-issuing all of them after one slow probe fed the overload that slowed it);
+    after an outage (probes failed in a row) every query is re-issued."""
+    for n in range(10):
+        foreign(standin, f"vm-{n}", f"s{n}-1", f"s{n}", f"127.0.3.{n + 1}", 80)
+    c = await open_catalog(standin, wait=60.0)
+    try:
+        await until(lambda: standin.requests["GET health/service"] == 20, "blocking queries")
+        standin.fail_next("GET status/leader", missed)
+        await until(lambda: c.report()["stale"], "the failed probe")
+        await until(lambda: not c.report()["stale"], "fresh again")
+        await asyncio.sleep(0.3)
+        after = standin.requests["GET health/service"]
+        assert (after > 20) is reissued, after
+    finally:
+        await c.close()

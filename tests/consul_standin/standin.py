@@ -232,6 +232,7 @@ class ConsulStandIn:
         self.requests: collections.Counter[str] = collections.Counter()
         self.log: collections.deque[Logged] = collections.deque(maxlen=10_000)
         self.failure: tuple[int, str] | None = None
+        self._fail_next: dict[str, tuple[int, int]] = {}
         self._released = asyncio.Event()  # clear: requests are held
         self._released.set()
         # blocked reads wait on a topic ("services", "service:<name>", "kv", "any"): a write
@@ -294,6 +295,10 @@ class ConsulStandIn:
                   ) -> None:
         """Answer every request with `status` (None: answer normally again)."""
         self.failure = None if status is None else (status, text)
+
+    def fail_next(self, endpoint: str, times: int, status: int = 500) -> None:
+        """Answer the next `times` requests to `endpoint` ("GET status/leader") with `status`."""
+        self._fail_next[endpoint] = (times, status)
 
     def hang(self, on: bool = True) -> None:
         """Hold every request (new and already blocking) until `hang(False)`."""
@@ -475,6 +480,11 @@ class ConsulStandIn:
             if self.failure is not None:
                 status, text = self.failure
                 return web.Response(status=status, text=text)
+            times, code = self._fail_next.get(endpoint, (0, 0))
+            if times > 0:
+                self._fail_next[endpoint] = (times - 1, code)
+                status = code
+                return web.Response(status=code, text="injected by the stand-in")
             if self.acl_tokens is not None and token is not None and token not in self.acl_tokens:
                 status = 403
                 return web.Response(status=403, text="ACL not found")
