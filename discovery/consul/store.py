@@ -136,7 +136,9 @@ class ConsulCatalog(Catalog):
         self._held: dict[str, str] = {}
         self._used_vips: set[IPAddress] = set()
         self._vip_pending: dict[str, asyncio.Future[IPAddress]] = {}
-        self._slots = asyncio.Semaphore(max(1, options.max_connections - RESERVED_CONNECTIONS))
+        self._watch_slots = max(1, options.max_connections - RESERVED_CONNECTIONS)
+        self._slots = asyncio.Semaphore(self._watch_slots)
+        self._queued = False
         self._write_slots = asyncio.Semaphore(RESERVED_CONNECTIONS - 2)
         self._ready = asyncio.Event()
         self._fatal: StoreError | None = None
@@ -284,6 +286,7 @@ class ConsulCatalog(Catalog):
                 "last_contact": c.last_contact,
                 "reason": c.reason() or None,
                 "services_watched": len(self._watches),
+                "watch_connections": self._watch_slots,  # fewer than services: they take turns
                 "pending_writes": len(self._pending),
                 "from_snapshot": self._from_snapshot,
                 "skipped": skipped[:MAX_SKIPPED_REPORTED],
@@ -375,7 +378,20 @@ class ConsulCatalog(Catalog):
             self._ok(f"service {name}")
             self._drop_service(name)
         self._services_read = True
+        self._warn_queued()
         self._maybe_synced()
+
+    def _warn_queued(self) -> None:
+        """Say once (and again only after it was fixed) that watches take turns."""
+        queued = len(self._watches) > self._watch_slots
+        if queued and not self._queued:
+            log.warning(
+                "more Consul services than connections: their blocking queries take turns, "
+                "and a change may take up to discovery.consul.wait to be seen",
+                extra={"services": len(self._watches), "connections": self._watch_slots,
+                       "hint": "raise discovery.consul.max_connections and the agent's "
+                               "limits.http_max_conns_per_client (docs/consul.md)"})
+        self._queued = queued
 
     def _new_query(self) -> BlockingQuery:
         o = self.options
@@ -384,7 +400,7 @@ class ConsulCatalog(Catalog):
     # one service's watch -------------------------------------------------------------------------
     async def _watch_service(self, name: str) -> None:
         q = self._queries[name]
-        slots = max(1, self.options.max_connections - RESERVED_CONNECTIONS)
+        slots = self._watch_slots
         retrying = False  # a retry is paced by its back-off, not by the rate limit
         while True:
             if not retrying:

@@ -400,3 +400,20 @@ async def test_a_write_is_shown_until_the_catalog_shows_it(standin: ConsulStandI
             c.get("api-1")
     finally:
         await c.close()
+
+
+async def test_more_services_than_connections_take_turns(standin: ConsulStandIn,
+                                                         caplog: pytest.LogCaptureFixture
+                                                         ) -> None:
+    for n in range(12):
+        foreign(standin, f"vm-{n}", f"t{n}-1", f"t{n}", f"127.0.4.{n + 1}", 80)
+    c = await open_catalog(standin, max_connections=16, wait=2.0)  # 8 watch connections
+    try:
+        assert len(c.workloads()) == 12  # every service read all the same
+        report = c.report()["consul"]
+        assert (report["services_watched"], report["watch_connections"]) == (12, 8)
+        assert sum("take turns" in r.getMessage() for r in caplog.records) == 1
+        foreign(standin, "vm-x", "t3-2", "t3", "127.0.4.99", 80)
+        await until(lambda: len(c.workloads(ServiceKey("t3"))) == 2, "a change, in turn")
+    finally:
+        await c.close()
