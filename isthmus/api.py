@@ -449,6 +449,7 @@ async def status(request: web.Request) -> web.Response:
         "services": all_services(ctx),
         "routing_table_version": ctx.holder.current.version if ctx.holder else None,
     }
+    out["catalog"].update(ctx.catalog.report())  # `stale`, and the backend's own state
     if ctx.federation is not None:
         out["peers"] = [p.to_json() for p in ctx.federation.peers()]
         out["policies"] = [p.to_json() for p in ctx.federation.policies.all(False)]

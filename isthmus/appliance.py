@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -16,9 +17,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from discovery.catalog import Catalog
 from discovery.embedded import EmbeddedCatalog
-from discovery.errors import DiscoveryError, InvalidInput, LimitExceeded
+from discovery.errors import Conflict, DiscoveryError, InvalidInput, LimitExceeded
 from discovery.health import HealthChecker
-from discovery.limits import WriteLimits
 from discovery.model import Locality
 from discovery.statefiles import secure_dir
 from dns.errors import DnsError
@@ -38,6 +38,7 @@ from isthmus import logs
 from isthmus.agentapi import AgentContext, make_agent_app
 from isthmus.api import ApiContext, make_app
 from isthmus.auth import TokenFileError, TokenRegistry, ensure_admin_token, read_token
+from isthmus.catalogs import make_catalog
 from isthmus.config import Config, ConfigError, exposed_listeners, split_host_port
 from isthmus.console import load_console
 from isthmus.datadir import DataDirBusy, DataDirLock
@@ -122,11 +123,8 @@ class Appliance:
         data_dir = Path(cfg.data_dir)
         self._load_tokens()
         self._load_trust()
-        catalog = EmbeddedCatalog(
-            data_dir, cfg.cluster, cfg.egress.vip_cidr,
-            limits=WriteLimits(min_check_interval=cfg.discovery.min_check_interval),
-        )
         try:
+            catalog = make_catalog(cfg)
             await catalog.open()
         except DiscoveryError as e:
             raise StartupError(str(e)) from None
@@ -480,7 +478,9 @@ class Appliance:
         }
         for st in self.catalog.workloads():
             if st.workload.source == "config" and st.workload.id not in wanted:
-                await self.catalog.delete(st.workload.id)
+                # with Consul: another appliance's config may have registered it
+                with contextlib.suppress(Conflict):
+                    await self.catalog.delete(st.workload.id)
         for wid, w in wanted.items():
             try:
                 current = self.catalog.get(wid).workload
@@ -489,7 +489,7 @@ class Appliance:
             if current != w:
                 try:
                     await self.catalog.put(w)
-                except (InvalidInput, LimitExceeded) as e:  # a limit: serve the rest
+                except (InvalidInput, LimitExceeded, Conflict) as e:  # serve the rest
                     log.error("static workload refused", extra={"workload": wid,
                                                                 "error": str(e)})
 
@@ -513,8 +513,9 @@ class Appliance:
             new.api.model_dump(include=restart_keys)
             != self.config.api.model_dump(include=restart_keys)
             or new.discovery.backend != self.config.discovery.backend
+            or new.discovery.consul != self.config.discovery.consul
         ):
-            needs_restart.append("api.listen/max_body/limits or discovery.backend")
+            needs_restart.append("api.listen/max_body/limits or discovery.backend/consul")
         check_keys = {"min_check_interval", "max_checks_per_second", "max_concurrent_checks"}
         if new.discovery.model_dump(include=check_keys) != self.config.discovery.model_dump(
             include=check_keys

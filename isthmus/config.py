@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 import os
+import re
 import socket
 from collections.abc import Mapping
 from pathlib import Path
@@ -292,10 +293,88 @@ class DnsConfig(_Section):
     corefile: Annotated[StrictStr, BeforeValidator(_corefile)] | None = None
 
 
+def _consul_address(value: object) -> str:
+    """`http://HOST:PORT` or `https://HOST:PORT` of the local Consul agent."""
+    if not isinstance(value, str):
+        raise ValueError("expected http://HOST:PORT or https://HOST:PORT")
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme not in ("http", "https") or "/" in rest.rstrip("/"):
+        raise ValueError("expected http://HOST:PORT or https://HOST:PORT (no path)")
+    _endpoint(rest.rstrip("/"))
+    return f"{scheme}://{rest.rstrip('/')}"
+
+
+def _meta_key(value: object) -> str:
+    # Consul's rule for service meta keys; its `consul-` prefix is reserved.
+    if (not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,128}", value)
+            or value.startswith("consul-")):
+        raise ValueError(
+            "expected a Consul meta key: 1-128 letters, digits, '_' or '-', not starting "
+            "with 'consul-'"
+        )
+    return value
+
+
+def _datacenter(value: object) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
+        raise ValueError("expected a Consul datacenter name: letters, digits, '_' or '-'")
+    return value
+
+
+ConsulAddress = Annotated[StrictStr, BeforeValidator(_consul_address)]
+MetaKey = Annotated[StrictStr, AfterValidator(_meta_key)]
+
+
+class ConsulTlsConfig(_Section):
+    ca_file: PathStr | None = None  # null: the system's CAs
+    cert_file: PathStr | None = None  # a client certificate, for Consul's verify_incoming
+    key_file: PathStr | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> ConsulTlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together: set both or neither")
+        return self
+
+
+class ConsulLocalityConfig(_Section):
+    region: MetaKey = "region"  # node meta keys holding a workload's locality
+    zone: MetaKey = "zone"
+
+
 class ConsulConfig(_Section):
-    address: StrictStr = "http://127.0.0.1:8500"
+    address: ConsulAddress = "http://127.0.0.1:8500"
     token_file: PathStr | None = None
-    datacenter: StrictStr | None = None
+    datacenter: Annotated[StrictStr, AfterValidator(_datacenter)] | None = None
+    tls: ConsulTlsConfig = ConsulTlsConfig()
+    stale_reads: StrictBool = False
+    warning_is: Literal["passing", "critical"] = "passing"
+    namespace_meta_key: MetaKey = "isthmus-namespace"
+    namespace_tag_prefix: Annotated[StrictStr, Field(min_length=1, max_length=128)] = (
+        "isthmus-namespace="
+    )
+    port_name_meta_key: MetaKey = "isthmus-port"
+    port_meta_prefix: MetaKey = "isthmus-port-"
+    default_port_name: Label = "tcp"
+    locality_node_meta: ConsulLocalityConfig = ConsulLocalityConfig()
+    kv_prefix: Annotated[StrictStr, Field(min_length=1, max_length=256)] | None = None
+    ignore_services: list[Annotated[StrictStr, Field(min_length=1)]] = ["consul"]
+    wait: Annotated[float, _duration_between(1.0, 600.0)] = 300.0
+    request_timeout: Annotated[float, _duration_between(0.1, 300.0)] = 10.0
+    liveness_interval: Annotated[float, _duration_between(0.1, 3600.0)] = 10.0
+    retry_max: Annotated[float, _duration_between(0.1, 3600.0)] = 30.0
+    query_min_interval: Annotated[float, _duration_between(0.01, 3600.0)] = 1.0
+    max_connections: Annotated[StrictInt, Field(ge=16, le=100_000)] = 192
+    startup_timeout: Annotated[float, _duration_between(0.0, 3600.0)] = 10.0
+
+    @model_validator(mode="after")
+    def _meta_keys(self) -> ConsulConfig:
+        if self.port_name_meta_key.startswith(self.port_meta_prefix):
+            raise ValueError(
+                f"port_name_meta_key {self.port_name_meta_key!r} starts with port_meta_prefix "
+                f"{self.port_meta_prefix!r}: it would read as a port of its own"
+            )
+        return self
 
 
 class DiscoveryConfig(_Section):
@@ -404,6 +483,9 @@ PATH_KEYS = (
     ("trust", "cert"), ("trust", "key"),
     ("api", "token_file"), ("agent", "bootstrap_token_file"),
     ("discovery", "consul", "token_file"),
+    ("discovery", "consul", "tls", "ca_file"),
+    ("discovery", "consul", "tls", "cert_file"),
+    ("discovery", "consul", "tls", "key_file"),
 )
 
 
@@ -529,8 +611,6 @@ def role_problems(cfg: Config) -> list[str]:
             f"roles: {sorted(roles & NEEDS_CONTROL)} need 'control' on the same node in this "
             "build (the routing table is computed there)"
         )
-    if cfg.discovery.backend != "embedded":
-        out.append("discovery.backend: 'consul' is not available in this build yet; use 'embedded'")
     return out
 
 
