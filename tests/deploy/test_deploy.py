@@ -323,6 +323,30 @@ def test_an_unreachable_machine_fails_alone_and_the_others_are_deployed(
                "the VM calling west again")
 
 
+def test_a_change_of_the_vms_workloads_reloads_the_agent(
+    deployed: Ansible, testbed: Testbed,
+) -> None:
+    """agent_workloads is applied live: vm.yml reloads the agent (SIGHUP), which registers the
+    new workload with its control node and, on the way back, removes it; never a restart."""
+    vm, east = testbed["east-vm"], testbed["east-edge"]
+    example = yaml.safe_load((EXAMPLE / "group_vars" / "isthmus_agents.yml").read_text())
+    workloads = example["agent_workloads"]
+    extra = {**workloads[0], "id": "east-vm-details-2"}
+    before = unit_start(vm)
+    grown = deployed.playbook("vm.yml", "-e", json.dumps({"agent_workloads": [*workloads,
+                                                                               extra]}))
+    assert grown.rc == 0, grown.tail()
+    assert grown.recap["east-vm"]["changed"] >= 1, grown.tail()
+    eventually(lambda: [w for w in api(east, "/v1/workloads?service=details.default")
+                        if w["id"] == "east-vm-details-2" and w["health"] == "passing"],
+               "the new VM workload passing at east")
+    back = deployed.playbook("vm.yml")
+    assert back.rc == 0, back.tail()
+    eventually(lambda: [w["id"] for w in api(east, "/v1/workloads?service=details.default")]
+               == ["east-vm-details"], "the extra VM workload gone from east")
+    assert unit_start(vm) == before  # reloaded, never restarted
+
+
 def _issuer_root(machine: Machine) -> str:
     """The CN of the root that the machine's own identity chains to (through its CA)."""
     shown = machine.run(["/opt/isthmus/venv/bin/isthmus", "ca", "show",
@@ -351,7 +375,7 @@ def test_rotate_ca_start_then_finish_rotates_the_root_with_everything_live(
     on the edges); the finish then retires the old root, and traffic flows all along."""
     vm, east = testbed["east-vm"], testbed["east-edge"]
     old_root = _issuer_root(east)
-    pids = {n: unit_start(testbed[n])[0] for n in ("east-edge", "west-edge", "east-vm")}
+    units = {n: unit_start(testbed[n]) for n in ("east-edge", "west-edge", "east-vm")}
 
     start = deployed.playbook("rotate-ca.yml", "-e", "isthmus_rotation_renew_agents=false")
     assert start.rc == 0, start.tail()
@@ -384,7 +408,7 @@ def test_rotate_ca_start_then_finish_rotates_the_root_with_everything_live(
         assert _bundle_subjects(testbed[name].read_file(bundle)) == [new_root], name
         assert _issuer_root(testbed[name]) == new_root, name
     # applied live: not one appliance restarted (the same main process throughout)
-    assert {n: unit_start(testbed[n])[0] for n in pids} == pids
+    assert {n: unit_start(testbed[n]) for n in units} == units
     eventually(lambda: calls(vm, "ratings.default.global", 9081, 3) == ["west"] * 3,
                "the VM calling west after the old root is gone")
     assert calls(vm, "reviews.default.global", 9080, 10).count("error") == 0
