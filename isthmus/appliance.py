@@ -23,6 +23,7 @@ from discovery.model import Locality
 from discovery.statefiles import secure_dir
 from dns.errors import DnsError
 from dns.server import DnsServer
+from dns.transport import TcpLimits
 from federation.agentlink import AgentHub, AgentLink
 from federation.routing import TableHolder
 from federation.service import Federation
@@ -338,7 +339,14 @@ class Appliance:
         cfg = self.config
         try:
             self.dns = DnsServer(
-                cfg.dns.corefile, cfg.dns.listen, self.holder, base_dir=str(cfg.data_dir)
+                cfg.dns.corefile,
+                cfg.dns.listen,
+                self.holder,
+                base_dir=str(cfg.data_dir),
+                tcp_limits=TcpLimits(
+                    max_connections=cfg.dns.max_tcp_connections,
+                    max_connections_per_source=cfg.dns.max_tcp_connections_per_source,
+                ),
             )
             await self.dns.start()
         except DnsError as e:

@@ -291,6 +291,10 @@ class DnsConfig(_Section):
     listen: Listen = "0.0.0.0:53"
     # The Corefile's text, or the path of a file holding it.
     corefile: Annotated[StrictStr, BeforeValidator(_corefile)] | None = None
+    # Open TCP connections per listener, in all and from one source (an IPv4 address or an
+    # IPv6 /64): one host holding connections cannot keep the others' TCP queries out.
+    max_tcp_connections: Count = 1000
+    max_tcp_connections_per_source: Count = 64
 
 
 def _consul_address(value: object) -> str:

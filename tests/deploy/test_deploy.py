@@ -323,6 +323,30 @@ def test_an_unreachable_machine_fails_alone_and_the_others_are_deployed(
                "the VM calling west again")
 
 
+def test_a_change_of_the_vms_workloads_reloads_the_agent(
+    deployed: Ansible, testbed: Testbed,
+) -> None:
+    """agent_workloads is applied live: vm.yml reloads the agent (SIGHUP), which registers the
+    new workload with its control node and, on the way back, removes it; never a restart."""
+    vm, east = testbed["east-vm"], testbed["east-edge"]
+    example = yaml.safe_load((EXAMPLE / "group_vars" / "isthmus_agents.yml").read_text())
+    workloads = example["agent_workloads"]
+    extra = {**workloads[0], "id": "east-vm-details-2"}
+    before = unit_start(vm)
+    grown = deployed.playbook("vm.yml", "-e", json.dumps({"agent_workloads": [*workloads,
+                                                                               extra]}))
+    assert grown.rc == 0, grown.tail()
+    assert grown.recap["east-vm"]["changed"] >= 1, grown.tail()
+    eventually(lambda: [w for w in api(east, "/v1/workloads?service=details.default")
+                        if w["id"] == "east-vm-details-2" and w["health"] == "passing"],
+               "the new VM workload passing at east")
+    back = deployed.playbook("vm.yml")
+    assert back.rc == 0, back.tail()
+    eventually(lambda: [w["id"] for w in api(east, "/v1/workloads?service=details.default")]
+               == ["east-vm-details"], "the extra VM workload gone from east")
+    assert unit_start(vm) == before  # reloaded, never restarted
+
+
 def _issuer_root(machine: Machine) -> str:
     """The CN of the root that the machine's own identity chains to (through its CA)."""
     shown = machine.run(["/opt/isthmus/venv/bin/isthmus", "ca", "show",
@@ -331,28 +355,60 @@ def _issuer_root(machine: Machine) -> str:
     return ca_part.split("issuer:")[1].splitlines()[0].strip()
 
 
-def test_rotate_ca_rolls_a_new_root_and_refuses_to_retire_the_old_one_early(
+def _bundle_subjects(pem: bytes) -> list[str]:
+    from cryptography import x509
+
+    return [c.subject.rfc4514_string() for c in x509.load_pem_x509_certificates(pem)]
+
+
+BUNDLES = (("east-edge", "/etc/isthmus/pki/bundle.pem"),
+           ("west-edge", "/etc/isthmus/pki/bundle.pem"),
+           ("east-vm", "/var/lib/isthmus/pki/bundle.pem"))
+
+
+def test_rotate_ca_start_then_finish_rotates_the_root_with_everything_live(
     deployed: Ansible, testbed: Testbed,
 ) -> None:
-    """rotate-ca.yml steps 1-4 (docs/operations.md): both roots everywhere, the edges' cluster
-    CAs under the new root and their identities reissued, traffic flowing; the finish phase
-    then refuses while the VM's identity (renewed only at half-life) is under the old root."""
-    vm = testbed["east-vm"]
-    old_root = _issuer_root(testbed["east-edge"])
-    start = deployed.playbook("rotate-ca.yml")
+    """rotate-ca.yml (docs/operations.md "Root rotation"), applied live with SIGHUP: started
+    with agents left to their half-life renewal, the finish phase refuses while the VM's
+    identity is under the old root; the start phase again renews the VM (and changes nothing
+    on the edges); the finish then retires the old root, and traffic flows all along."""
+    vm, east = testbed["east-vm"], testbed["east-edge"]
+    old_root = _issuer_root(east)
+    units = {n: unit_start(testbed[n]) for n in ("east-edge", "west-edge", "east-vm")}
+
+    start = deployed.playbook("rotate-ca.yml", "-e", "isthmus_rotation_renew_agents=false")
     assert start.rc == 0, start.tail()
     new_roots = {_issuer_root(testbed[n]) for n in ("east-edge", "west-edge")}
     assert len(new_roots) == 1 and old_root not in new_roots, (old_root, new_roots)
+    [new_root] = new_roots
     assert _issuer_root(vm) == old_root
-    for name, bundle in (("east-edge", "/etc/isthmus/pki/bundle.pem"),
-                         ("east-vm", "/var/lib/isthmus/pki/bundle.pem")):
-        assert testbed[name].read_file(bundle).count(b"BEGIN CERTIFICATE") == 2, name
+    for name, bundle in BUNDLES:
+        assert len(_bundle_subjects(testbed[name].read_file(bundle))) == 2, name
     eventually(lambda: calls(vm, "ratings.default.global", 9081, 3) == ["west"] * 3,
                "the VM calling west across the rotation")
 
-    finish = deployed.playbook("rotate-ca.yml", "-e", "isthmus_rotation=finish")
-    assert finish.rc != 0
-    assert "east-vm still holds an identity issued under the old root" in finish.output, \
-        finish.tail()
+    early = deployed.playbook("rotate-ca.yml", "-e", "isthmus_rotation=finish")
+    assert early.rc != 0
+    assert "east-vm still holds an identity issued under the old root" in early.output, \
+        early.tail()
     assert (deployed.ca_dir / "bundle.pem").read_text().count("BEGIN CERTIFICATE") == 2
-    assert calls(vm, "ratings.default.global", 9081, 3) == ["west"] * 3
+
+    # the start phase again continues the rotation: the VM renews (SIGHUP) under the new root
+    again = deployed.playbook("rotate-ca.yml")
+    assert again.rc == 0, again.tail()
+    assert again.changed()["east-vm"] >= 1 and _issuer_root(vm) == new_root, again.tail()
+    assert again.changed()["west-edge"] == 0, again.tail()  # its CA is under the new root
+
+    finish = deployed.playbook("rotate-ca.yml", "-e", "isthmus_rotation=finish")
+    assert finish.rc == 0, finish.tail()
+    ca_host = _bundle_subjects((deployed.ca_dir / "bundle.pem").read_bytes())
+    assert ca_host == [new_root], ca_host
+    for name, bundle in BUNDLES:
+        assert _bundle_subjects(testbed[name].read_file(bundle)) == [new_root], name
+        assert _issuer_root(testbed[name]) == new_root, name
+    # applied live: not one appliance restarted (the same main process throughout)
+    assert {n: unit_start(testbed[n]) for n in units} == units
+    eventually(lambda: calls(vm, "ratings.default.global", 9081, 3) == ["west"] * 3,
+               "the VM calling west after the old root is gone")
+    assert calls(vm, "reviews.default.global", 9080, 10).count("error") == 0

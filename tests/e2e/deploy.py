@@ -1,21 +1,19 @@
-"""Install the appliances on the testbed directly (no Ansible): what the drills run against.
+"""Deploy the appliances on the testbed with the Ansible collection: what the drills run against.
 
 - A wheelhouse built on the host (`pip wheel`, the host has the package registry; the machines
   do not): the project's wheel fresh each time, its dependencies cached by the hash of
   pyproject.toml.
-- In each appliance machine, `/opt/isthmus/venv` made by the machine's own `/usr/bin/python3`
-  (Debian's), installed `--no-index` from the wheelhouse.
-- PKI made on the host (the "CA host") with `isthmus ca`: one root, a CA per cluster. Edges hold
-  their cluster CA and issue their own identity; the VM gets its identity from east's control
-  node with a one-time bootstrap token made by `isthmus token create` on east.
-- Configs in `/etc/isthmus/isthmus.yaml`, and an enabled systemd unit `isthmus.service` in the
-  machine's own `/etc` (its overlay survives a reboot), so a rebooted edge starts its appliance by
-  itself; `Restart=on-failure` brings a killed appliance back.
-- Sample backends on the service machines (reviews in both clusters, two in west; ratings in
-  west) and one on the VM (web, the VM's own workload, registered by its agent), each with an
-  HTTP health check.
-- The VM reaches the public segment through its edge (NAT on east-edge's public leg), as hosts of
-  a real cluster do, so its egress can open tunnels to west's ingress.
+- `ansible-playbook playbooks/site.yml` from ansible/, run in the testbed's controller as the
+  README says, with the drills' inventory (tests/e2e/inventory: the example inventory plus a
+  second reviews backend in west, a workload on the VM, ...) and the testbed's (connection
+  settings). So the machines run what an operator deploys: the `isthmus` user and the hardened
+  unit, an offline install into /opt/isthmus/venv on Debian's own Python, the root on the CA
+  host (this run's directory) and cluster CA keys made on the edges, the VM bootstrapped with a
+  one-time token, NAT on east-edge, the VIP routes.
+- The only additions to the deployment, on the side of the test: a systemd drop-in that also
+  appends each appliance's log to /opt/isthmus/log/isthmus.log (read from the host), and the
+  sample backends on the service machines and the VM (the clusters' applications), each with
+  the HTTP health check the inventory gives.
 
 Layout (addresses from tests/testbed/topology.py):
 
@@ -31,26 +29,25 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
-import io
 import json
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tests.testbed import EDGE_PRIVATE, EDGE_PUBLIC, VM_PRIVATE, Machine, Testbed
-from tests.testbed.commands import MACHINE_ENV
+from tests.deploy.ansible_run import Ansible, Result
+from tests.testbed import EDGE_PRIVATE, VM_PRIVATE, Machine, Testbed
 from tests.testbed.nodes import Backend
 
 REPO = Path(__file__).resolve().parents[2]
+INVENTORY = Path(__file__).with_name("inventory")
 TRUST_DOMAIN = "e2e.isthmus.test"
 VIP_CIDR = "240.240.0.0/16"
 INGRESS_PORT = 15443
@@ -58,18 +55,26 @@ CONTROL_PORT = 15012
 METRICS_PORT = 15090
 API = "http://127.0.0.1:15000"
 VENV = "/opt/isthmus/venv"
-WHEELS = "/opt/isthmus/wheels"
 CONFIG = "/etc/isthmus/isthmus.yaml"
-PKI_DIR = "/etc/isthmus/pki"
+EDGE_BUNDLE = "/etc/isthmus/pki/bundle.pem"  # the collection's trust.bundle on an edge
+AGENT_BUNDLE = "/var/lib/isthmus/pki/bundle.pem"  # and on a VM (the agent rewrites it)
 LOG = "/opt/isthmus/log/isthmus.log"  # /opt's overlay: survives reboots, readable from the host
 UNIT = "isthmus.service"
+# The test's only addition to the deployed unit: its log also goes to a file the host reads.
+LOG_DROPIN = "/etc/systemd/system/isthmus.service.d/e2e-log.conf"
+LOG_DROPIN_TEXT = f"""# tests/e2e: the appliance's log, also in a file the host reads
+[Service]
+StandardOutput=append:{LOG}
+StandardError=append:{LOG}
+"""
 WHEEL_CACHE = Path("/var/tmp/isthmus-e2e/wheels")
-REGIONS = {"east": "us-east", "west": "us-west"}
-# How long a peer may stay `stale` before it shows as `unreachable` (a drill waits for it).
+# How long a peer may stay `stale` before it shows as `unreachable` (a drill waits for it;
+# inventory/group_vars/isthmus_gateways.yml sets it).
 PEER_UNREACHABLE_AFTER = 12.0
 WEST_SECOND = "10.0.0.11"  # west-service's second address, for a second reviews backend
 
-# The sample backends: key (also the workload id) -> (machine, service, port, address).
+# The sample backends: key (also the workload id) -> (machine, service, port, address). The
+# inventory registers each as a workload (test_figures.py checks that the two agree).
 BACKENDS: dict[str, tuple[str, str, int, str]] = {
     "reviews-east-1": ("east-service", "reviews", 9080, "10.0.0.10"),
     "reviews-west-1": ("west-service", "reviews", 9080, "10.0.0.10"),
@@ -78,44 +83,12 @@ BACKENDS: dict[str, tuple[str, str, int, str]] = {
     "east-vm-web": ("east-vm", "web", 8080, VM_PRIVATE),
 }
 
-UNIT_TEXT = f"""[Unit]
-Description=Isthmus appliance
-After=network.target
-
-[Service]
-ExecStart={VENV}/bin/isthmus run --config {CONFIG} --log-format json
-ExecReload=/bin/kill -HUP $MAINPID
-Restart=on-failure
-RestartSec=2
-TimeoutStopSec=20
-StandardOutput=append:{LOG}
-StandardError=append:{LOG}
-
-[Install]
-WantedBy=multi-user.target
-"""
-
 
 class DeployError(Exception):
     pass
 
 
-# --- on the host -------------------------------------------------------------------------------
-
-
-def isthmus_argv(*args: str) -> list[str]:
-    """The `isthmus` CLI of this checkout, on the host."""
-    return [sys.executable, "-c", "import sys; from isthmus.cli import main; sys.exit(main())",
-            *args]
-
-
-def isthmus(*args: str, timeout: float = 60.0) -> str:
-    proc = subprocess.run(isthmus_argv(*args), capture_output=True, text=True, timeout=timeout,
-                          check=False, cwd=REPO)
-    if proc.returncode != 0:
-        raise DeployError(f"isthmus {' '.join(args)}: exit {proc.returncode}: "
-                          f"{(proc.stderr or proc.stdout).strip()}")
-    return proc.stdout
+# --- on the host ---------------------------------------------------------------------------------
 
 
 def _pip(*args: str, timeout: float = 600.0) -> None:
@@ -155,36 +128,20 @@ def build_wheelhouse(dest: Path, cache: Path = WHEEL_CACHE) -> list[Path]:
     return sorted(dest.glob("*.whl"))
 
 
-def tar_of(paths: Sequence[Path]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for p in paths:
-            tar.add(p, arcname=p.name)
-    return buf.getvalue()
-
-
 @dataclass
 class Pki:
-    """The CA host's directory (`isthmus ca --dir`)."""
+    """The CA host's directory (`isthmus ca --dir`, the inventory's pki_ca_dir): the root and
+    the bundle. Cluster CA keys are on the edges (the collection makes them there)."""
 
     dir: Path
-
-    def ca(self, *args: str) -> str:
-        return isthmus("ca", *args, "--dir", str(self.dir))
-
-    def create(self) -> None:
-        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.ca("init", "--trust-domain", TRUST_DOMAIN)
-        for cluster in REGIONS:
-            self.ca("cluster", "--cluster", cluster)
 
     @property
     def bundle(self) -> Path:
         return self.dir / "bundle.pem"
 
-    def cluster_ca(self, cluster: str) -> tuple[Path, Path]:
-        return (self.dir / "clusters" / cluster / "ca.pem",
-                self.dir / "clusters" / cluster / "ca.key")
+    @property
+    def root(self) -> Path:
+        return self.dir / "root-ca.pem"
 
 
 # --- an appliance in a machine ------------------------------------------------------------------
@@ -359,90 +316,33 @@ def _labels(text: str) -> Iterator[tuple[str, str]]:
         text = text[end + 1 :].lstrip(",")
 
 
-# --- configs ----------------------------------------------------------------------------------
+# --- the inventory ------------------------------------------------------------------------------
 
 
-def _check(url: str) -> dict[str, Any]:
-    return {"http": url, "interval": "1s", "timeout": "1s"}
+@cache
+def inventory_vars(group: str) -> dict[str, Any]:
+    """A group's variables in the drills' inventory."""
+    return yaml.safe_load((INVENTORY / "group_vars" / f"{group}.yml").read_text()) or {}
 
 
-def edge_workloads(cluster: str) -> list[dict[str, Any]]:
-    if cluster == "east":
-        return [{"id": "reviews-east-1", "service": "reviews", "address": "10.0.0.10",
-                 "ports": {"http": 9080}, "check": _check("http://10.0.0.10:9080/healthz")}]
-    return [
-        {"id": "reviews-west-1", "service": "reviews", "address": "10.0.0.10",
-         "ports": {"http": 9080}, "check": _check("http://10.0.0.10:9080/healthz")},
-        {"id": "reviews-west-2", "service": "reviews", "address": WEST_SECOND,
-         "ports": {"http": 9080}, "check": _check(f"http://{WEST_SECOND}:9080/healthz")},
-        {"id": "ratings-west-1", "service": "ratings", "address": "10.0.0.10",
-         "ports": {"http": 9081}, "check": _check("http://10.0.0.10:9081/healthz")},
-    ]
-
-
-def vm_workloads(extra: int = 0) -> list[dict[str, Any]]:
-    """The VM's own workload (web), and `extra` more registrations of the same backend (the
-    drills' stream of agent registrations)."""
-    base = {"service": "web", "address": VM_PRIVATE, "ports": {"http": 8080},
-            "check": _check(f"http://{VM_PRIVATE}:8080/healthz")}
-    out = [{"id": "east-vm-web", **base}]
-    out += [{"id": f"east-vm-web-{i}", **base} for i in range(1, extra + 1)]
+def inventory_workloads() -> dict[str, dict[str, Any]]:
+    """Every workload the inventory registers (the edges' and the VM's), by id."""
+    out = {}
+    for group, key in (("east", "gateway_workloads"), ("west", "gateway_workloads"),
+                       ("isthmus_agents", "agent_workloads")):
+        for w in inventory_vars(group).get(key, []):
+            out[w["id"]] = w
     return out
 
 
-def edge_config(cluster: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    other = "west" if cluster == "east" else "east"
-    region = REGIONS[cluster]
-    public = EDGE_PUBLIC[cluster]
-    cfg: dict[str, Any] = {
-        "cluster": cluster,
-        "trust_domain": TRUST_DOMAIN,
-        "node": f"{cluster}-edge",
-        "locality": {"region": region, "zone": f"{region}-1a"},
-        "roles": ["control", "ingress", "egress", "dns"],
-        "data_dir": "/var/lib/isthmus",
-        "trust": {"bundle": f"{PKI_DIR}/bundle.pem", "ca_cert": f"{PKI_DIR}/cluster-ca.pem",
-                  "ca_key": f"{PKI_DIR}/cluster-ca.key"},
-        "api": {"listen": "127.0.0.1:15000", "token_file": "/etc/isthmus/api-token"},
-        "control": {"listen": f"{EDGE_PRIVATE}:{CONTROL_PORT}"},
-        "metrics": {"listen": f"{EDGE_PRIVATE}:{METRICS_PORT}"},
-        "ingress": {"listen": f"{public}:{INGRESS_PORT}",
-                    "public_address": f"{public}:{INGRESS_PORT}"},
-        "egress": {"vip_cidr": VIP_CIDR},
-        "dns": {"listen": f"{EDGE_PRIVATE}:53"},
-        "federation": {
-            "peers": [{"cluster": other, "address": f"{EDGE_PUBLIC[other]}:{INGRESS_PORT}"}],
-            "export": ["*.default"],
-            "peer_unreachable_after": f"{PEER_UNREACHABLE_AFTER:g}s",
-        },
-        "discovery": {"workloads": edge_workloads(cluster)},
-        "log": {"level": "info", "format": "json"},
-        "drain_timeout": "5s",
-    }
-    for key, value in (extra or {}).items():
-        cfg[key] = value
-    return cfg
-
-
-def agent_config(extra_workloads: int = 0) -> dict[str, Any]:
-    return {
-        "cluster": "east",
-        "trust_domain": TRUST_DOMAIN,
-        "node": "east-vm",
-        "locality": {"region": "us-east", "zone": "us-east-1b"},
-        "roles": ["agent"],
-        "data_dir": "/var/lib/isthmus",
-        "trust": {"bundle": f"{PKI_DIR}/bundle.pem"},
-        "agent": {"control": f"{EDGE_PRIVATE}:{CONTROL_PORT}",
-                  "bootstrap_token_file": "/etc/isthmus/bootstrap-token"},
-        "api": {"listen": "127.0.0.1:15000", "token_file": "/etc/isthmus/api-token"},
-        "metrics": {"listen": f"127.0.0.1:{METRICS_PORT}"},
-        "egress": {"vip_cidr": VIP_CIDR},
-        "dns": {"listen": f"{VM_PRIVATE}:53"},
-        "discovery": {"workloads": vm_workloads(extra_workloads)},
-        "log": {"level": "info", "format": "json"},
-        "drain_timeout": "5s",
-    }
+def vm_workloads(extra: int = 0) -> list[dict[str, Any]]:
+    """The VM's own workloads as the inventory gives them (web), and `extra` more
+    registrations of the same backend (drill 4's stream of agent registrations)."""
+    base = list(inventory_vars("isthmus_agents")["agent_workloads"])
+    web = base[0]
+    out = [*base]
+    out += [{**web, "id": f"{web['id']}-{i}"} for i in range(1, extra + 1)]
+    return out
 
 
 # --- the deployment ------------------------------------------------------------------------------
@@ -459,6 +359,7 @@ class Deployment:
     backends: dict[str, Backend] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     vm_extra: int = 0  # workloads the agent's config holds beyond its own (drill 4)
+    _ansible: Ansible | None = field(default=None, repr=False)
 
     @property
     def appliances(self) -> dict[str, Appliance]:
@@ -478,44 +379,45 @@ class Deployment:
                   Appliance(tb["east-edge"], "east", "edge"),
                   Appliance(tb["west-edge"], "west", "edge"),
                   Appliance(tb["east-vm"], "east", "agent"))
-        wheels = build_wheelhouse(workdir / "wheels")
+        build_wheelhouse(dep.wheelhouse)
         dep.timings["wheelhouse"] = time.monotonic() - t0
         t = time.monotonic()
-        dep.pki.create()
-        dep._network()
+        dep._prepare_machines()
         dep._start_backends()
-        archive = tar_of(wheels)
-        with ThreadPoolExecutor(max_workers=3) as pool:
-            list(pool.map(lambda a: _install_venv(a.machine, archive), dep.appliances.values()))
-        dep.timings["venvs"] = time.monotonic() - t
+        dep.timings["backends"] = time.monotonic() - t
         t = time.monotonic()
-        for edge in dep.edges.values():
-            dep._write_edge(edge)
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            list(pool.map(_enable_and_wait, dep.edges.values()))
-        dep._write_agent()
-        _enable_and_wait(dep.vm)
-        dep.timings["start"] = time.monotonic() - t
+        result = dep.playbook("site.yml")
+        if result.rc != 0:
+            raise DeployError(f"site.yml failed (rc {result.rc}):\n{result.tail(40)}")
+        dep.timings["site.yml"] = time.monotonic() - t
         t = time.monotonic()
+        for app in dep.appliances.values():
+            app.wait_healthy()
         dep.set_weights("reviews", {"east": 20, "west": 80})
         dep.wait_served()
         dep.timings["ready"] = time.monotonic() - t
         dep.timings["total"] = time.monotonic() - t0
         return dep
 
-    def _network(self) -> None:
-        """The VIP range is local on every egress (`ip route add local`); east's machines reach
-        the public segment through NAT on east-edge; west-service gets a second address."""
-        for m in (self.east.machine, self.west.machine, self.vm.machine):
-            m.net_run(["ip", "route", "replace", "local", VIP_CIDR, "dev", "lo"])
-        edge = self.east.machine
-        edge.net_run(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
-        rules = ("table ip isthmus_e2e_nat {\n"
-                 " chain postrouting {\n"
-                 "  type nat hook postrouting priority srcnat; policy accept;\n"
-                 f'  oifname "pub0" ip saddr {EDGE_PRIVATE.rsplit(".", 1)[0]}.0/24 masquerade\n'
-                 " }\n}\n")
-        edge.net_run(["nft", "-f", "-"], input=rules)
+    @property
+    def wheelhouse(self) -> Path:
+        return self.workdir / "wheels"
+
+    def playbook(self, name: str, *args: str) -> Result:
+        """`ansible-playbook playbooks/<name>` from ansible/ in the testbed's controller, with
+        the drills' inventory, the testbed's, this run's wheelhouse and CA directory."""
+        if self._ansible is None:
+            self._ansible = Ansible(self.testbed, self.pki.dir)
+        return self._ansible.playbook(name, "-e", f"isthmus_wheelhouse={self.wheelhouse}",
+                                      *args, inventory=INVENTORY)
+
+    def _prepare_machines(self) -> None:
+        """What the test adds beside the deployment: the log drop-in on the appliances'
+        machines (in place before the unit first starts), and west-service's second address
+        (its second reviews backend)."""
+        for app in self.appliances.values():
+            app.machine.run(["mkdir", "-p", str(Path(LOG).parent)])
+            app.machine.put_file(LOG_DROPIN, LOG_DROPIN_TEXT, 0o644)
         self.testbed["west-service"].net_run(
             ["ip", "addr", "replace", f"{WEST_SECOND}/24", "dev", "priv0"])
 
@@ -530,29 +432,25 @@ class Deployment:
             service, port, address=address, name=key)
         return self.backends[key]
 
-    def _write_pki(self, app: Appliance, with_ca: bool) -> None:
-        m = app.machine
-        m.run(["mkdir", "-p", "-m", "0700", PKI_DIR])
-        m.put_file(f"{PKI_DIR}/bundle.pem", self.pki.bundle.read_bytes(), 0o644)
-        if with_ca:
-            cert, key = self.pki.cluster_ca(app.cluster)
-            m.put_file(f"{PKI_DIR}/cluster-ca.pem", cert.read_bytes(), 0o644)
-            m.put_file(f"{PKI_DIR}/cluster-ca.key", key.read_bytes(), 0o600)
+    def cluster_ca(self, cluster: str) -> tuple[Path, Path]:
+        """The cluster CA's certificate and key as its edge holds them (made there by the
+        collection; read from the host, as someone holding the edge's files could)."""
+        pki = self.edges[cluster].machine.etc_upper / "isthmus" / "pki"
+        return pki / "cluster-ca.pem", pki / "cluster-ca.key"
 
-    def write_config(self, app: Appliance, cfg: dict[str, Any]) -> None:
-        app.machine.put_file(CONFIG, yaml.safe_dump(cfg, sort_keys=False), 0o600)
+    def bundle_path(self, app: Appliance) -> Path:
+        """The node's trust.bundle, on the host."""
+        if app.kind == "agent":
+            return app.data_dir / AGENT_BUNDLE.removeprefix("/var/lib/isthmus/")
+        return app.machine.etc_upper / EDGE_BUNDLE.removeprefix("/etc/")
 
-    def _write_edge(self, app: Appliance) -> None:
-        self._write_pki(app, with_ca=True)
-        self.write_config(app, edge_config(app.cluster))
-        _write_unit(app.machine)
-
-    def _write_agent(self) -> None:
-        self._write_pki(self.vm, with_ca=False)
-        token = self.east.cli("token", "create", "--ttl", "1h", "--node", "east-vm").split()[0]
-        self.vm.machine.put_file("/etc/isthmus/bootstrap-token", token + "\n", 0o600)
-        self.write_config(self.vm, agent_config())
-        _write_unit(self.vm.machine)
+    def set_vm_config_workloads(self, workloads: list[dict[str, Any]]) -> None:
+        """Replace the agent's `discovery.workloads` in its deployed config (kept as the
+        collection wrote it otherwise: root-owned, readable by the appliance's group)."""
+        cfg = yaml.safe_load(self.vm.machine.read_file(CONFIG))
+        cfg["discovery"]["workloads"] = workloads
+        self.vm.machine.put_file(CONFIG, yaml.safe_dump(cfg, sort_keys=True), 0o640)
+        self.vm.machine.run(["chgrp", "isthmus", CONFIG])
 
     # --- operations the drills use ---
     def set_weights(self, service: str, weights: dict[str, int], via: str = "east",
@@ -624,25 +522,6 @@ class Deployment:
     def samples(self) -> dict[str, tuple[int, int]]:
         """(RSS KiB, open fds) of every appliance."""
         return {name: app.rss_fds() for name, app in self.appliances.items()}
-
-
-def _install_venv(m: Machine, archive: bytes) -> None:
-    m.run(["mkdir", "-p", WHEELS, str(Path(LOG).parent)])
-    m.run(["tar", "-x", "-C", WHEELS], input=archive, text=False, timeout=60)
-    m.run(["/usr/bin/python3", "-m", "venv", VENV], timeout=120)
-    env = {**MACHINE_ENV, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"}
-    m.run([f"{VENV}/bin/pip", "install", "-q", "--no-index", "--find-links", WHEELS, "isthmus"],
-          env=env, timeout=300)
-
-
-def _write_unit(m: Machine) -> None:
-    m.put_file(f"/etc/systemd/system/{UNIT}", UNIT_TEXT, 0o644)
-    m.run(["systemctl", "daemon-reload"])
-
-
-def _enable_and_wait(app: Appliance) -> None:
-    app.systemctl("enable", "--now", UNIT)
-    app.wait_healthy()
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str,

@@ -31,7 +31,7 @@ from .deploy import (
     VIP_CIDR,
     Appliance,
     Deployment,
-    agent_config,
+    vm_workloads,
     wait_until,
 )
 
@@ -231,7 +231,7 @@ def read_snapshot(snapshot: Path, cluster: str) -> tuple[set[str], dict[str, Any
 
 def set_vm_workloads(dep: Deployment, extra: int) -> None:
     """The agent's config with `extra` more workloads, applied by SIGHUP (no restart)."""
-    dep.write_config(dep.vm, agent_config(extra))
+    dep.set_vm_config_workloads(vm_workloads(extra))
     dep.vm.sighup()
     dep.vm_extra = extra
 

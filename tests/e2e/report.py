@@ -19,7 +19,7 @@ RECOVERY = {
     "2-cluster-dark": ("time_to_move_s", "power cut to the last answer from west"),
     "3-partition": ("heal_to_converged_s", "link up to both sides on the same policy"),
     "4-control-crash": ("vm_workloads_back_s", "SIGKILL to every VM workload passing"),
-    "5-rotation": ("root_rotation_s", "the whole root rotation, steps 1-5"),
+    "5-rotation": ("root_rotation_s", "the whole root rotation: rotate-ca.yml start and finish"),
     "6-hostile": (None, "nothing to recover: the load never noticed"),
     "7-dns-garbage": (None, "nothing to recover: no lookup failed"),
 }
@@ -43,7 +43,7 @@ def table(results: Path) -> str:
     lines = ["| drill | requests | failures (client retries) | time to recover | "
              "p99 quiet / during fault (ms) | drill time |",
              "|---|---|---|---|---|---|"]
-    for path in sorted(results.glob("*.json")):
+    for path in sorted(results.glob("[0-9]-*.json")):  # the drills' (not deployment.json)
         lines.append(row(json.loads(path.read_text())))
     return "\n".join(lines)
 

@@ -124,3 +124,22 @@ async def test_load_client_reads_keep_alive_and_chunked_answers() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+def test_the_inventory_registers_exactly_the_backends_the_drills_start() -> None:
+    """deploy.BACKENDS (the backends the drills start, kill and count) and the workloads the
+    drills' inventory registers (tests/e2e/inventory) describe the same federation."""
+    from .deploy import BACKENDS, inventory_workloads
+    from .faults import EXPECTED_HEALTHY
+
+    workloads = inventory_workloads()
+    assert set(workloads) == set(BACKENDS)
+    clusters = {"east-service": "east", "west-service": "west", "east-vm": "east"}
+    healthy: dict[tuple[str, str], int] = {}
+    for key, (machine, service, port, address) in BACKENDS.items():
+        w = workloads[key]
+        assert (w["service"], w["address"], list(w["ports"].values())) == (
+            service, address, [port]), key
+        assert w["check"]["http"] == f"http://{address}:{port}/healthz", key
+        healthy[(service, clusters[machine])] = healthy.get((service, clusters[machine]), 0) + 1
+    assert healthy == EXPECTED_HEALTHY
