@@ -1,6 +1,6 @@
 """The catalog interface, and the in-memory view every backend serves reads from.
 
-Backends (the embedded SQLite store; Consul later) implement `Catalog`. Reads are answered
+Backends (the embedded SQLite store, Consul) implement `Catalog`. Reads are answered
 from memory; writes are acknowledged only once durable. Every change bumps a monotonic index,
 which is what watchers (blocking queries, the routing table, peering) wait on.
 """
@@ -14,7 +14,7 @@ import ipaddress
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
-from discovery.errors import Conflict, NotFound
+from discovery.errors import Conflict, InvalidInput, NotFound
 from discovery.model import Health, Workload, WorkloadState
 from discovery.names import ServiceKey
 
@@ -38,6 +38,20 @@ class Catalog(abc.ABC):
     """What the rest of the appliance needs from a catalog backend."""
 
     cluster: str
+    # True when the store runs the health checks itself (Consul's agents do): the appliance's
+    # HealthChecker then probes nothing, and TTL heartbeats go to `heartbeat`.
+    runs_checks: bool = False
+
+    async def heartbeat(self, workload_id: str) -> WorkloadState:
+        """A TTL check's heartbeat, for a store that runs checks (`runs_checks`)."""
+        raise InvalidInput(
+            f"workload {workload_id!r}: this catalog does not run checks itself", field="check"
+        )
+
+    def report(self) -> dict[str, object]:
+        """What `GET /v1/status` shows of the store under `catalog`: `stale` is true while it
+        serves a last-known state (Consul unreachable)."""
+        return {"stale": False}
 
     @abc.abstractmethod
     async def open(self) -> None: ...

@@ -127,6 +127,11 @@ class HealthChecker:
     async def start(self) -> None:
         now = self._now()
         self._bucket = _Bucket(self.max_per_second, self.probe_burst, now)
+        if self.catalog.runs_checks:
+            # The store runs every check itself (Consul's agents do): probing here as well
+            # would double the load on each workload and race the store's verdict. Heartbeats
+            # and sources held critical still go through here, to the store.
+            return
         for st in self.catalog.workloads():
             self._track(st, now, spread=True)
         self._unsubscribe = self.catalog.subscribe(self._on_change)
@@ -187,6 +192,8 @@ class HealthChecker:
 
     # TTL heartbeats ----------------------------------------------------------------------------
     async def heartbeat(self, workload_id: str) -> WorkloadState:
+        if self.catalog.runs_checks:
+            return await self.catalog.heartbeat(workload_id)
         st = self.catalog.get(workload_id)
         t = self._tracked.get(workload_id)
         check = st.workload.check

@@ -46,6 +46,12 @@ MALFORMED = Counter(
     "Messages that were not a servable query (answered FORMERR/NOTIMP/BADVERS or dropped).",
     ["server", "proto"],
 )
+TCP_REFUSED = Counter(
+    "isthmus_dns_tcp_connections_refused_total",
+    "TCP connections closed at accept: the source held its share (source), or the listener "
+    "all it keeps (total).",
+    ["server", "reason"],
+)
 PLUGIN_ERRORS = Counter(
     "isthmus_dns_plugin_errors_total", "Queries failed by a plugin error.", ["server", "zone"]
 )

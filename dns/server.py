@@ -5,6 +5,9 @@
     server.port            # the bound port of the listen address
     await server.stop()
 
+`tcp_limits` bounds the open TCP connections of each listener, in all and per source
+(`dns.transport.TcpLimits`).
+
 Blocks without a port in their zone key listen on the `listen` port; a block that names a
 port gets its own listener on the same hosts. `listen` may hold several comma-separated
 addresses (`127.0.0.1:53,[::1]:53`); with port 0 they all share the first bound port.
@@ -27,7 +30,7 @@ from dns.defaults import RESOLV_CONF, default_corefile
 from dns.errors import CorefileError
 from dns.httpsvc import HttpEndpoints
 from dns.plugin import Handler, Plugin, Setup, Writer, build_chain
-from dns.transport import ListenError, Mux, TcpServer, UdpServer, make_socket
+from dns.transport import ListenError, Mux, TcpLimits, TcpServer, UdpServer, make_socket
 from dns.wire import SERVFAIL, Request
 from federation.routing import TableHolder
 
@@ -86,8 +89,10 @@ class DnsServer:
         source: str = "Corefile",
         base_dir: str | None = None,
         resolv_conf: str = RESOLV_CONF,
+        tcp_limits: TcpLimits | None = None,
     ) -> None:
         self.addresses = parse_listen(listen)
+        self.tcp_limits = tcp_limits or TcpLimits()
         self.hosts = tuple(h for h, _ in self.addresses)
         self.listen_port = self.addresses[0][1]
         self.tables = tables
@@ -179,7 +184,7 @@ class DnsServer:
                         udp.start()
                         lst.udp.append(udp)
                     else:
-                        tcp = TcpServer(lst.mux)
+                        tcp = TcpServer(lst.mux, self.tcp_limits)
                         tcp.server = await asyncio.start_server(tcp.handle, sock=sock)
                         lst.tcp.append(tcp)
         except BaseException:

@@ -2,8 +2,8 @@
 
 All protocol decisions are made elsewhere (dns.wire, dns.fastpath, the plugins); this module
 only moves bytes, enforces the transport limits (UDP size and TC, TCP framing, idle timeouts,
-connection and pipelining caps, write backpressure) and never lets an exception escape a
-callback.
+connection caps in all and per source, pipelining caps, write backpressure) and never lets an
+exception escape a callback.
 
 UDP sockets are read directly (loop.add_reader) rather than through a datagram transport:
 each readiness event drains up to UDP_BATCH queued datagrams, and each is answered by the
@@ -13,15 +13,18 @@ fast path when it can be (a stored answer: no Request, no chain) and by the Mux 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 import struct
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from dns.errors import DnsError
 from dns.fastpath import FastPath
-from dns.metrics import MALFORMED
+from dns.metrics import MALFORMED, TCP_REFUSED
 from dns.plugin import CLIENT_ERRORS, Handler, write_error
 from dns.wire import REFUSED, SERVFAIL, QueryError, Request, parse_query, truncate
 
@@ -29,6 +32,10 @@ log = logging.getLogger(__name__)
 
 TCP_IDLE_TIMEOUT = 10.0  # RFC 7766 suggests seconds, not minutes, for idle connections
 TCP_MAX_CONNECTIONS = 1000
+# One client (a stub resolver, or a host's forwarder) needs a few; a VM's local applications
+# all come from one address, so this is also their total there.
+TCP_MAX_CONNECTIONS_PER_SOURCE = 64
+TCP_REFUSAL_LOG_INTERVAL = 10.0  # at most one refusal line per reason per this many seconds
 TCP_MAX_PIPELINE = 64  # queries in flight per connection before we stop reading
 TCP_MAX_WRITE_BUFFER = 1 << 20
 UDP_BATCH = 256  # datagrams handled per readiness event before other callbacks get a turn
@@ -37,6 +44,33 @@ UDP_RECV_BUFFER = 65535  # the largest datagram; longer ones would be cut (and t
 
 class ListenError(DnsError):
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class TcpLimits:
+    """Open TCP connections a listener keeps: in all, and from one source (an IPv4 address or
+    an IPv6 /64). Over either, a connection is closed at accept, before a byte is read."""
+
+    max_connections: int = TCP_MAX_CONNECTIONS
+    max_connections_per_source: int = TCP_MAX_CONNECTIONS_PER_SOURCE
+
+    def __post_init__(self) -> None:
+        if self.max_connections < 1 or self.max_connections_per_source < 1:
+            raise ValueError(f"TCP connection limits must be at least 1: {self}")
+
+
+def source_of(host: str) -> str:
+    """The source a per-source cap counts: an IPv4 address (also when IPv4-mapped), or the /64
+    of an IPv6 address (one host commonly owns a whole /64)."""
+    if ":" not in host:
+        return host
+    try:
+        ip = ipaddress.IPv6Address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((ip, 64), strict=False))
 
 
 class Mux:
@@ -218,14 +252,64 @@ class TcpConnection:
 
 
 class TcpServer:
-    def __init__(self, mux: Mux) -> None:
+    def __init__(self, mux: Mux, limits: TcpLimits | None = None) -> None:
         self.mux = mux
+        self.limits = limits or TcpLimits()
         self.connections: set[asyncio.Task[None]] = set()
         self.server: asyncio.Server | None = None
+        self._by_source: dict[str, int] = {}
+        self._refused = {r: TCP_REFUSED.labels(mux.server, r) for r in ("source", "total")}
+        self._refusals: dict[str, tuple[float, int]] = {}  # reason -> (last logged, since then)
+
+    def held_by(self, host: str) -> int:
+        return self._by_source.get(source_of(host), 0)
+
+    def _admit(self, writer: asyncio.StreamWriter) -> str | None:
+        """The source to count the connection against, or None when it was refused."""
+        peer = writer.get_extra_info("peername")
+        source = source_of(str(peer[0])) if isinstance(peer, tuple) else ""
+        if len(self.connections) >= self.limits.max_connections:
+            reason = "total"
+        elif self._by_source.get(source, 0) >= self.limits.max_connections_per_source:
+            reason = "source"
+        else:
+            self._by_source[source] = self._by_source.get(source, 0) + 1
+            return source
+        writer.transport.abort()
+        self._refused[reason].inc()
+        self._log_refusal(reason, source)
+        return None
+
+    def _log_refusal(self, reason: str, source: str) -> None:
+        # A flood of refusals costs a line per interval, not a line each; the counter has all.
+        now = time.monotonic()
+        last, count = self._refusals.get(reason, (-TCP_REFUSAL_LOG_INTERVAL, 0))
+        if now - last < TCP_REFUSAL_LOG_INTERVAL:
+            self._refusals[reason] = (last, count + 1)
+            return
+        self._refusals[reason] = (now, 0)
+        log.warning(
+            "dns tcp connection refused",
+            extra={
+                "server": self.mux.server,
+                "reason": reason,
+                "source": source,
+                "refused_since_last_line": count,
+                "max_connections": self.limits.max_connections,
+                "max_connections_per_source": self.limits.max_connections_per_source,
+            },
+        )
+
+    def _release(self, source: str) -> None:
+        held = self._by_source.get(source, 0) - 1
+        if held > 0:
+            self._by_source[source] = held
+        else:
+            self._by_source.pop(source, None)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self.connections) >= TCP_MAX_CONNECTIONS:
-            writer.transport.abort()
+        source = self._admit(writer)
+        if source is None:
             return
         task = asyncio.current_task()
         assert task is not None
@@ -239,6 +323,7 @@ class TcpServer:
             log.exception("dns tcp connection failed", extra={"client": str(conn.peer)})
         finally:
             self.connections.discard(task)
+            self._release(source)
             writer.close()
 
     async def close(self) -> None:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 from dns.errors import DnsError
 from dns.server import DnsServer
+from dns.transport import TcpLimits
 from federation.routing import RoutingTable, TableHolder
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class WorkerSpec:
     table: RoutingTable | None = None
     log_level: int = logging.INFO
     use_uvloop: bool = True
+    tcp_limits: TcpLimits = field(default_factory=TcpLimits)
 
     @classmethod
     def of(cls, server: DnsServer, table: RoutingTable | None = None) -> WorkerSpec:
@@ -68,6 +70,7 @@ class WorkerSpec:
             server.base_dir,
             table,
             logging.getLogger().getEffectiveLevel(),
+            tcp_limits=server.tcp_limits,
         )
 
 
@@ -97,6 +100,7 @@ async def _worker(spec: WorkerSpec, conn: multiprocessing.connection.Connection)
         serve_http=False,
         bound_ports=spec.bound_ports,
         base_dir=spec.base_dir,
+        tcp_limits=spec.tcp_limits,
     )
     stop = asyncio.Event()
 

@@ -83,6 +83,14 @@ class AgentSession:
             "state": "connected" if self.connected else "disconnected",
             "since": self.since,
             "workloads": len(workloads),
+            "registered": [
+                {
+                    "id": st.workload.id,
+                    "service": str(st.workload.service),
+                    "health": st.health.value,
+                }
+                for st in workloads
+            ],
             "held": checker.held(self.source) if checker else None,
         }
 
@@ -391,6 +399,7 @@ class AgentLink:
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._left: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._send_lock = asyncio.Lock()
         self._version = holder.current.version
 
     def start(self) -> None:
@@ -417,6 +426,35 @@ class AgentLink:
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+
+    async def set_workloads(self, workloads: Sequence[StaticWorkload]) -> None:
+        """A new set of workloads (the agent's config was reloaded): over an open channel,
+        register the new and changed ones and drop the ones no longer listed; otherwise the
+        next session registers them all."""
+        old = {w.id: w for w in self.workloads}
+        self.workloads = list(workloads)
+        changed = [w for w in self.workloads if old.get(w.id) != w]
+        registrations = {}
+        for w in self.workloads:
+            keep = self.registrations.get(w.id)
+            registrations[w.id] = keep if keep is not None and w not in changed \
+                else Registration()
+        self.registrations = registrations
+        ws = self._ws
+        if ws is None or ws.closed or not self.connected:
+            return
+        if changed:
+            self.answered.clear()
+        async with self._send_lock:
+            for w in changed:
+                await ws.send_str(json.dumps({"type": "register", "id": w.id,
+                                              "workload": w.to_body()}))
+            if len(old.keys() - registrations.keys()):
+                await ws.send_str(json.dumps({"type": "prune",
+                                              "keep": [w.id for w in self.workloads]}))
+        log.info("agent workloads updated", extra={
+            "registered": [w.id for w in changed],
+            "removed": sorted(old.keys() - registrations.keys())})
 
     def problems(self) -> list[str]:
         """What keeps this agent from being healthy: the channel, refused workloads."""
@@ -477,10 +515,13 @@ class AgentLink:
             for reg in self.registrations.values():
                 reg.state = "pending"
             log.info("control channel up", extra={"control": self.control_addr})
-            for w in self.workloads:
-                body = w.to_body()
-                await ws.send_str(json.dumps({"type": "register", "id": w.id, "workload": body}))
-            await ws.send_str(json.dumps({"type": "prune", "keep": [w.id for w in self.workloads]}))
+            async with self._send_lock:  # a reload may send too (set_workloads)
+                for w in list(self.workloads):
+                    body = w.to_body()
+                    await ws.send_str(json.dumps({"type": "register", "id": w.id,
+                                                  "workload": body}))
+                await ws.send_str(json.dumps({"type": "prune",
+                                              "keep": [w.id for w in self.workloads]}))
             if not self.workloads:
                 self.answered.set()
             async for msg in ws:

@@ -15,6 +15,7 @@ import datetime as dt
 import enum
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 
@@ -37,6 +38,10 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT = 5.0
 READ_CHUNK = 256 * 1024
+# A peer whose link has been down this long shows as `unreachable` rather than `stale`: longer
+# than a restart or a reboot of its edge takes (docs/configuration.md,
+# federation.peer_unreachable_after).
+UNREACHABLE_AFTER = 300.0
 
 PEER_UP = Gauge("isthmus_peer_connected", "1 when the peering session is up", ["cluster", "peer"])
 FEED_MESSAGES = Counter(
@@ -52,7 +57,9 @@ FEED_ERRORS = Counter(
 class PeerStatus(enum.StrEnum):
     CONNECTED = "connected"
     STALE = "stale"  # down now, last-known exports kept
-    UNREACHABLE = "unreachable"  # never synced
+    # never synced since this node started, or down for longer than the bound (its last-known
+    # exports are still kept: the data plane's health checks decide where traffic goes)
+    UNREACHABLE = "unreachable"
 
 
 @dataclass
@@ -65,6 +72,7 @@ class PeerState:
     epoch: str | None = None
     version: int = 0
     error: str | None = None
+    down_since: dt.datetime | None = None  # when a synced link was lost; None while connected
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -72,6 +80,7 @@ class PeerState:
             "address": self.address,
             "state": self.status.value,
             "last_sync": self.last_sync.isoformat() if self.last_sync else None,
+            "down_since": self.down_since.isoformat() if self.down_since else None,
             "services": sorted(self.feed.services) if self.feed else [],
             "gateways": self.feed.gateways if self.feed else [],
             "locality": self.feed.locality if self.feed else {},
@@ -163,10 +172,15 @@ class FeedServer:
 
 
 UpdateHandler = Callable[[PeerState, dict], Awaitable[None]]
+# Told when a peer's status changes: (its state, now changed, and the status it had before).
+StatusHandler = Callable[[PeerState, PeerStatus], None]
 
 
 class PeerLink:
-    """Keeps one peer's feed in `state`, reconnecting forever until closed."""
+    """Keeps one peer's feed in `state`, reconnecting forever until closed.
+
+    A link that was synced and is lost turns `stale` (the last-known exports stay), and
+    `unreachable` once it has been down for `unreachable_after` seconds (None: never)."""
 
     def __init__(
         self,
@@ -179,16 +193,24 @@ class PeerLink:
         backoff_min: float = 0.2,
         backoff_max: float = 15.0,
         rng: random.Random | None = None,
+        on_status: StatusHandler | None = None,
+        unreachable_after: float | None = UNREACHABLE_AFTER,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cluster = cluster
         self.state = PeerState(peer, address)
+        self.on_status = on_status
         self.credentials = credentials
         self.on_update = on_update
         self.backoff_min, self.backoff_max = backoff_min, backoff_max
+        self.unreachable_after = unreachable_after
+        self._clock = clock
         self._rng = rng or random.Random()
         self._task: asyncio.Task[None] | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._logged: tuple[str, str] | None = None  # the last failure logged at warning
+        self._lost_at: float | None = None  # clock() when a synced link was lost
+        self._expiry: asyncio.TimerHandle | None = None  # turns stale into unreachable
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"peer-{self.state.cluster}")
@@ -201,13 +223,29 @@ class PeerLink:
             self._writer.transport.abort()
         if self.state.status is PeerStatus.CONNECTED:
             self._down("closed", "peering stopped on this node")
+        self._cancel_expiry()
+
+    def _down_status(self) -> PeerStatus:
+        """What a link that is down shows: stale while its last-known exports are recent."""
+        if self.state.feed is None or self._lost_at is None:
+            return PeerStatus.UNREACHABLE
+        bound = self.unreachable_after
+        if bound is not None and self._clock() - self._lost_at >= bound:
+            return PeerStatus.UNREACHABLE
+        return PeerStatus.STALE
 
     def _down(self, reason: str, detail: str) -> None:
         was = self.state.status
-        self.state.status = PeerStatus.STALE if self.state.feed else PeerStatus.UNREACHABLE
+        if was is PeerStatus.CONNECTED:  # just lost: stale from now, unreachable past the bound
+            self._lost_at = self._clock()
+            self.state.down_since = dt.datetime.now(dt.UTC)
+            self._schedule_expiry()
+        self.state.status = self._down_status()
         self.state.error = detail
         PEER_UP.labels(self.cluster, self.state.cluster).set(0)
         FEED_ERRORS.labels(self.cluster, self.state.cluster, reason).inc()
+        if was is not self.state.status:
+            self._status_changed(was)
         # Every change of cause is worth a line (a peering that never comes up must say why);
         # the same failure again on each retry is not.
         changed = was is PeerStatus.CONNECTED or self._logged != (reason, detail)
@@ -226,6 +264,40 @@ class PeerLink:
                 "reason": reason,
                 "detail": detail,
                 "state": self.state.status.value,
+            },
+        )
+
+    def _schedule_expiry(self) -> None:
+        """A timer for the moment the bound passes, so the change is logged when it happens."""
+        self._cancel_expiry()
+        if self.unreachable_after is None or self._lost_at is None:
+            return
+        left = max(0.0, self._lost_at + self.unreachable_after - self._clock())
+        with contextlib.suppress(RuntimeError):  # no running loop: _down_status still applies
+            self._expiry = asyncio.get_running_loop().call_later(left, self._expire)
+
+    def _cancel_expiry(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+
+    def _expire(self) -> None:
+        """The bound passed with the link still down: say so once, at that moment."""
+        self._expiry = None
+        if self.state.status is not PeerStatus.STALE:
+            return
+        if self._down_status() is PeerStatus.STALE:  # the timer ran early: look again
+            self._schedule_expiry()
+            return
+        self.state.status = PeerStatus.UNREACHABLE
+        self._status_changed(PeerStatus.STALE)
+        log.warning(
+            "peer unreachable",
+            extra={
+                "peer": self.state.cluster,
+                "down_since": self.state.down_since.isoformat() if self.state.down_since else None,
+                "after": self.unreachable_after,
+                "error": self.state.error,
             },
         )
 
@@ -317,13 +389,27 @@ class PeerLink:
         await self.on_update(self.state, msg)
 
     def _mark_up(self) -> None:
-        if self.state.status is not PeerStatus.CONNECTED:
+        was = self.state.status
+        if was is not PeerStatus.CONNECTED:
             log.info("peer link up", extra={"peer": self.state.cluster})
         self.state.status = PeerStatus.CONNECTED
         self.state.error = None
+        self.state.down_since = None
+        self._lost_at = None
+        self._cancel_expiry()
         self._logged = None
         self.state.last_sync = dt.datetime.now(dt.UTC)
         PEER_UP.labels(self.cluster, self.state.cluster).set(1)
+        if was is not PeerStatus.CONNECTED:
+            self._status_changed(was)
+
+    def _status_changed(self, was: PeerStatus) -> None:
+        if self.on_status is None:
+            return
+        try:
+            self.on_status(self.state, was)
+        except Exception:  # an observer's bug must not break the link
+            log.exception("peer status listener failed", extra={"peer": self.state.cluster})
 
 
 async def aclose_all(items: list[PeerLink]) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,16 @@ from discovery.errors import InvalidInput
 from discovery.model import Locality
 from discovery.names import ServiceKey
 from federation.feed import ExportedService, ExportFeed, FeedError
-from federation.hlc import HybridClock
-from federation.peering import FeedServer, PeerLink, PeerState, aclose_all
+from federation.hlc import HybridClock, Stamp
+from federation.peering import (
+    UNREACHABLE_AFTER,
+    FeedServer,
+    PeerLink,
+    PeerState,
+    PeerStatus,
+    StatusHandler,
+    aclose_all,
+)
 from federation.policy import PolicyStore, TrafficPolicy, validate_weights
 from federation.routing import RoutingTable, TableHolder
 from federation.table import Imports, TableBuilder
@@ -46,8 +54,10 @@ class Federation:
         export: Sequence[str] = ("*.default",),
         public_address: str | None = None,
         credentials: TlsCredentials | None = None,
+        peer_unreachable_after: float | None = UNREACHABLE_AFTER,
     ) -> None:
         self.cluster = cluster
+        self.peer_unreachable_after = peer_unreachable_after
         self.locality = locality
         self.catalog = catalog
         self.holder = holder
@@ -75,6 +85,10 @@ class Federation:
         self.links: list[PeerLink] = []
         self._exported_from: Mapping[ServiceKey, Any] = {}
         self._unsubscribe: list[Any] = []
+        self._status_listeners: list[StatusHandler] = []
+        # The newest version of each service's policy that each peer's own feed carries: a peer
+        # republishes a policy once it has stored it, so that is its acknowledgement.
+        self.acknowledged: dict[ServiceKey, dict[str, Stamp]] = {}
 
     def is_exported(self, service: ServiceKey) -> bool:
         name = str(service)
@@ -93,7 +107,10 @@ class Federation:
         self._on_table(self.holder.current)
         if self.credentials is not None:
             for peer, address in sorted(self.peer_addresses.items()):
-                link = PeerLink(self.cluster, peer, address, self.credentials, self._on_peer)
+                link = PeerLink(
+                    self.cluster, peer, address, self.credentials, self._on_peer,
+                    on_status=self._on_status, unreachable_after=self.peer_unreachable_after,
+                )
                 link.start()
                 self.links.append(link)
         elif self.peer_addresses:
@@ -139,6 +156,31 @@ class Federation:
         self.feed.set_policy(str(policy.service), policy.to_json())
         self.builder.invalidate({policy.service})
 
+    def on_peer_status(self, listener: StatusHandler) -> Callable[[], None]:
+        """Call `listener` whenever a peer's status changes; returns the unsubscribe call."""
+        self._status_listeners.append(listener)
+        return lambda: self._status_listeners.remove(listener)
+
+    def _on_status(self, state: PeerState, was: PeerStatus) -> None:
+        for listener in list(self._status_listeners):
+            listener(state, was)
+
+    def _acknowledge(self, peer: str, policy: TrafficPolicy) -> None:
+        if peer not in self.peer_addresses:
+            return
+        acks = self.acknowledged.setdefault(policy.service, {})
+        if acks.get(peer) is None or acks[peer] < policy.stamp:
+            acks[peer] = policy.stamp
+
+    def acknowledgements(self, service: ServiceKey) -> dict[str, str | None]:
+        """For each peer, the newest version of `service`'s policy its feed carries (None:
+        none yet)."""
+        acks = self.acknowledged.get(service, {})
+        return {
+            peer: (str(acks[peer]) if peer in acks else None)
+            for peer in sorted(self.peer_addresses)
+        }
+
     async def _on_peer(self, state: PeerState, msg: dict[str, Any]) -> None:
         assert state.feed is not None
         for raw in msg.get("policies", []):
@@ -147,6 +189,7 @@ class Federation:
             except (ValueError, InvalidInput) as e:
                 raise FeedError(f"policy from {state.cluster}: {e}") from None
             await self.policies.merge(policy)
+            self._acknowledge(state.cluster, policy)
         previous = self.imports.feeds.get(state.cluster)
         self.imports.feeds[state.cluster] = (state.address, state.feed)
         if msg.get("type") == "delta" and previous is not None and "gateways" not in msg:

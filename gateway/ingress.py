@@ -212,7 +212,7 @@ class Ingress:
             sock.close()
 
     def _handshake_refused(self, err: TrustError, peer: str) -> None:
-        count_failure(err)
+        count_failure(err, "server", peer)
         self._tls_refusals.refused(err.reason, peer, str(err), _host(peer))
 
     async def _serve(self, sock: socket.socket, peer: str, slot: Slot) -> None:

@@ -22,12 +22,16 @@ from discovery.health import HealthChecker
 from discovery.names import LABEL_EXPECTED, ServiceKey, is_label
 from discovery.schema import parse_workload
 from federation.agentlink import AgentHub
+from federation.policy import TrafficPolicy
 from federation.routing import ServiceRoute, TableHolder
 from federation.service import Federation
 from federation.trust import BootstrapTokens, Kind, TrustError
 from isthmus import __version__
 from isthmus.auth import TokenRegistry
+from isthmus.console import Console
+from isthmus.events import EventLog
 from isthmus.metrics import API_LATENCY, API_REQUESTS
+from isthmus.traffic import TrafficHistory
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,9 @@ class ApiContext:
     # more for GET /v1/status (limits in force, quarantined store rows), merged in by key
     reports: Callable[[], dict[str, Any]] | None = None
     services_body: tuple[list[dict[str, Any]], str] | None = None
+    events: EventLog | None = None  # recent events (GET /v1/events)
+    history: TrafficHistory | None = None  # the last minutes of traffic (edges, charts)
+    console: Console | None = None  # the web console's files (GET /ui/)
 
 
 CTX: web.AppKey[ApiContext] = web.AppKey("isthmus_ctx", ApiContext)
@@ -93,10 +100,13 @@ def error_response(status: int, message: str, field: str | None, **extra: Any) -
 # --- middleware -------------------------------------------------------------------------------
 
 
-# The scope a route needs, by method; GET /v1/health needs none.
+# The scope a route needs, by method; GET /v1/health and the console's static files need none
+# (they hold no secrets: the console asks for a token and sends it with each API call).
 def required_scope(request: web.Request) -> str | None:
     path = request.path
     if path == "/v1/health":
+        return None
+    if (path == "/ui" or path.startswith("/ui/")) and request.method in ("GET", "HEAD"):
         return None
     if request.method in ("GET", "HEAD"):
         return "read"
@@ -261,6 +271,7 @@ def service_json(ctx: ApiContext, s: ServiceSummary) -> dict[str, Any]:
 
 def merge_route(out: dict[str, Any], route: ServiceRoute, cluster: str) -> None:
     out["vip"] = str(route.vip)
+    out["exported"] = route.exported  # whether peers may call this cluster's endpoints
     for d in route.destinations:
         if d.cluster != cluster:
             out["clusters"][d.cluster] = {"healthy": d.healthy, "total": d.total}
@@ -405,17 +416,21 @@ async def get_service(request: web.Request) -> web.Response:
                 "weight": st.workload.weight,
                 "locality": st.workload.locality.to_json(),
                 "labels": dict(st.workload.labels),
+                "check": st.workload.check.to_json() if st.workload.check else None,
+                "health_output": st.output,
             }
             for st in ctx.catalog.workloads(key)
         ]
     }
     policy = ctx.federation.policies.get(key) if ctx.federation else None
-    out["traffic"] = policy.to_json() if policy else None  # None: default locality routing
+    # None: default locality routing
+    out["traffic"] = policy_json(ctx.federation, policy) if policy and ctx.federation else None
     return json_response(out, index=index)
 
 
 async def status(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
+    await wait_for_index(request)  # a blocking query, as the read routes (the console's feed)
     health_counts = {h.value: n for h, n in ctx.catalog.health_counts().items()}
     out: dict[str, Any] = {
         "cluster": ctx.cluster,
@@ -434,6 +449,7 @@ async def status(request: web.Request) -> web.Response:
         "services": all_services(ctx),
         "routing_table_version": ctx.holder.current.version if ctx.holder else None,
     }
+    out["catalog"].update(ctx.catalog.report())  # `stale`, and the backend's own state
     if ctx.federation is not None:
         out["peers"] = [p.to_json() for p in ctx.federation.peers()]
         out["policies"] = [p.to_json() for p in ctx.federation.policies.all(False)]
@@ -445,6 +461,21 @@ async def status(request: web.Request) -> web.Response:
         for key, value in ctx.reports().items():
             out[key] = {**out[key], **value} if isinstance(out.get(key), dict) else value
     return json_response(out, index=ctx.catalog.index)
+
+
+def policy_json(fed: Federation, policy: TrafficPolicy) -> dict[str, Any]:
+    """A policy with how far it has replicated: for each peer, the version its own feed
+    carries back (a peer republishes a policy once stored) and whether that is this one."""
+    out = policy.to_json()
+    acks = fed.acknowledged.get(policy.service, {})
+    out["replication"] = {
+        peer: {
+            "version": str(acks[peer]) if peer in acks else None,
+            "acknowledged": peer in acks and acks[peer] >= policy.stamp,
+        }
+        for peer in sorted(fed.peer_addresses)
+    }
+    return out
 
 
 def _federation(request: web.Request) -> Federation:
@@ -463,18 +494,20 @@ def _service_key(request: web.Request) -> ServiceKey:
 
 async def get_traffic(request: web.Request) -> web.Response:
     key = _service_key(request)
-    policy = _federation(request).policies.get(key)
+    fed = _federation(request)
+    policy = fed.policies.get(key)
     if policy is None:
         raise ApiError(404, f"service {key} has no traffic policy (default locality routing)")
-    return json_response(policy.to_json())
+    return json_response(policy_json(fed, policy))
 
 
 async def put_traffic(request: web.Request) -> web.Response:
     key = _service_key(request)
     body = await read_json(request)
     ctx = request.app[CTX]
-    policy = await _federation(request).set_policy(key, body)
-    out = policy.to_json()
+    fed = _federation(request)
+    policy = await fed.set_policy(key, body)
+    out = policy_json(fed, policy)
     # The routing table holds every service of the federation, local or imported.
     if ctx.holder is not None and ctx.holder.current.get(key) is None:
         warning = (
@@ -531,6 +564,79 @@ async def create_bootstrap_token(request: web.Request) -> web.Response:
     )
 
 
+def bearer_grant(request: web.Request) -> frozenset[str]:
+    """The scopes of the caller's token (the boundary has checked that it is valid)."""
+    _, _, token = request.headers.get("Authorization", "").strip().partition(" ")
+    grant = request.app[TOKENS].lookup(token.strip())
+    return grant.scopes if grant is not None else frozenset()
+
+
+async def get_token(request: web.Request) -> web.Response:
+    """What the caller's token may do: the console hides the controls it could not use."""
+    scopes = bearer_grant(request)
+    admin = "admin" in scopes
+    return json_response({
+        "scopes": sorted(scopes),
+        "can": {s: admin or s in scopes for s in ("read", "workloads", "traffic", "tokens")},
+    })  # fmt: skip
+
+
+def _events(request: web.Request) -> EventLog:
+    events = request.app[CTX].events
+    if events is None:
+        raise ApiError(409, "this appliance keeps no event log (control role)")
+    return events
+
+
+async def list_events(request: web.Request) -> web.Response:
+    """Recent events after `?index=` (blocking with `&wait=` until there is one)."""
+    events = _events(request)
+    events.flush()
+    index, wait = blocking_params(request)
+    if index is not None:
+        await events.wait(index, wait)
+    found, truncated = events.since(index or 0)
+    body = {
+        "index": events.index,
+        "capacity": events.capacity,
+        "truncated": truncated,
+        "events": [e.to_json() for e in found],
+    }
+    return json_response(body, index=events.index)
+
+
+def _history(request: web.Request) -> TrafficHistory:
+    history = request.app[CTX].history
+    if history is None:
+        raise ApiError(409, "this appliance keeps no traffic history (control role)")
+    return history
+
+
+async def get_edges(request: web.Request) -> web.Response:
+    """Request rate, error rate and p99 per edge between clusters, from this appliance's own
+    counters, over `?window=` (default 60s, at most the history's span)."""
+    history = _history(request)
+    try:
+        window = parse_duration(request.query.get("window", "60s"), history.span)
+    except ValueError as e:
+        raise ApiError(400, f"window {request.query['window']!r}: {e}", "window") from None
+    index, wait = blocking_params(request)
+    if index is not None:
+        await history.wait(index, wait)
+    return json_response(history.edges(window), index=history.index)
+
+
+async def get_service_requests(request: web.Request) -> web.Response:
+    """The service's requests per tick over the history's span, by cluster."""
+    history = _history(request)
+    key = _service_key(request)
+    index, wait = blocking_params(request)
+    if index is not None:
+        await history.wait(index, wait)
+    out = {"service": key.name, "namespace": key.namespace, **history.service(str(key))}
+    return json_response(out, index=history.index)
+
+
 def make_app(ctx: ApiContext, max_body: int = 1024 * 1024) -> web.Application:
     app = web.Application(middlewares=[boundary], client_max_size=max_body)
     app[CTX] = ctx
@@ -550,4 +656,16 @@ def make_app(ctx: ApiContext, max_body: int = 1024 * 1024) -> web.Application:
     app.router.add_delete("/v1/services/{namespace}/{name}/traffic", delete_traffic)
     app.router.add_get("/v1/peers", list_peers)
     app.router.add_post("/v1/bootstrap-tokens", create_bootstrap_token)
+    app.router.add_get("/v1/token", get_token)
+    app.router.add_get("/v1/events", list_events)
+    app.router.add_get("/v1/edges", get_edges)
+    app.router.add_get("/v1/services/{namespace}/{name}/requests", get_service_requests)
+    if ctx.console is not None:
+        ctx.console.mount(app)
+    app.on_response_prepare.append(_nosniff)
     return app
+
+
+async def _nosniff(request: web.Request, response: web.StreamResponse) -> None:
+    # every answer says what it is; a browser must not guess another type from the bytes
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")

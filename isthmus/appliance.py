@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -18,13 +19,13 @@ from prometheus_client.metrics_core import Metric
 
 from discovery.catalog import Catalog
 from discovery.embedded import EmbeddedCatalog
-from discovery.errors import DiscoveryError, InvalidInput, LimitExceeded
+from discovery.errors import Conflict, DiscoveryError, InvalidInput, LimitExceeded
 from discovery.health import HealthChecker
-from discovery.limits import WriteLimits
 from discovery.model import Locality
 from discovery.statefiles import secure_dir
 from dns.errors import DnsError
 from dns.server import DnsServer
+from dns.transport import TcpLimits
 from federation.agentlink import AgentHub, AgentLink
 from federation.routing import TableHolder
 from federation.service import Federation
@@ -40,8 +41,11 @@ from isthmus import logs
 from isthmus.agentapi import AgentContext, make_agent_app
 from isthmus.api import ApiContext, make_app
 from isthmus.auth import TokenFileError, TokenRegistry, ensure_admin_token, read_token
+from isthmus.catalogs import make_catalog
 from isthmus.config import Config, ConfigError, exposed_listeners, split_host_port
+from isthmus.console import load_console
 from isthmus.datadir import DataDirBusy, DataDirLock
+from isthmus.events import EventLog, watch_catalog, watch_federation, watch_handshakes
 from isthmus.identity import (
     IdentityError,
     NodeTrust,
@@ -58,6 +62,7 @@ from isthmus.listeners import (
     serve_app,
 )
 from isthmus.metrics import CATALOGS, WithWorkers
+from isthmus.traffic import TrafficHistory
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +102,9 @@ class Appliance:
         self.metrics_address: tuple[str, int] | None = None
         self.started = time.time()
         self._lock: DataDirLock | None = None
+        self.events: EventLog | None = None
+        self.history: TrafficHistory | None = None
+        self._unwatch: list[Any] = []
 
     @property
     def api_url(self) -> str:
@@ -118,11 +126,8 @@ class Appliance:
         data_dir = Path(cfg.data_dir)
         self._load_tokens()
         self._load_trust()
-        catalog = EmbeddedCatalog(
-            data_dir, cfg.cluster, cfg.egress.vip_cidr,
-            limits=WriteLimits(min_check_interval=cfg.discovery.min_check_interval),
-        )
         try:
+            catalog = make_catalog(cfg)
             await catalog.open()
         except DiscoveryError as e:
             raise StartupError(str(e)) from None
@@ -158,12 +163,22 @@ class Appliance:
             export=cfg.federation.export,
             public_address=public,
             credentials=self.trust.credentials if self.trust else None,
+            peer_unreachable_after=cfg.federation.peer_unreachable_after,
         )
         try:
             await self.federation.start()
         except DiscoveryError as e:
             raise StartupError(str(e)) from None
         self.bootstrap_tokens = BootstrapTokens(data_dir)
+        # What the console shows live: recent events and the last minutes of traffic.
+        self.events = EventLog(cfg.api.events)
+        self._unwatch += [
+            watch_catalog(self.events, catalog),
+            watch_federation(self.events, self.federation),
+            watch_handshakes(self.events),
+        ]
+        self.history = TrafficHistory(cfg.cluster)
+        self.history.start(also=self.events.flush)
 
         ctx = ApiContext(
             cluster=cfg.cluster,
@@ -178,6 +193,9 @@ class Appliance:
             federation=self.federation,
             bootstrap_tokens=self.bootstrap_tokens,
             reports=self.reports,
+            events=self.events,
+            history=self.history,
+            console=load_console() if cfg.api.console else None,
         )
         self.api_address = await self._serve(
             make_app(ctx, cfg.api.max_body), cfg.api.listen, limits=api_limits(cfg.api)
@@ -193,6 +211,7 @@ class Appliance:
                 lambda: self.trust.credentials.bundle,
                 own_identity=self.trust.credentials.spiffe_id,
             )
+            self.trust.issuer = issuer  # a reloaded cluster CA reaches it (SIGHUP)
             control_app = issuance_app(issuer)
             self.agent_hub = AgentHub(
                 catalog,
@@ -326,7 +345,14 @@ class Appliance:
         cfg = self.config
         try:
             self.dns = DnsServer(
-                cfg.dns.corefile, cfg.dns.listen, self.holder, base_dir=str(cfg.data_dir)
+                cfg.dns.corefile,
+                cfg.dns.listen,
+                self.holder,
+                base_dir=str(cfg.data_dir),
+                tcp_limits=TcpLimits(
+                    max_connections=cfg.dns.max_tcp_connections,
+                    max_connections_per_source=cfg.dns.max_tcp_connections_per_source,
+                ),
             )
             await self.dns.start()
         except DnsError as e:
@@ -470,7 +496,9 @@ class Appliance:
         }
         for st in self.catalog.workloads():
             if st.workload.source == "config" and st.workload.id not in wanted:
-                await self.catalog.delete(st.workload.id)
+                # with Consul: another appliance's config may have registered it
+                with contextlib.suppress(Conflict):
+                    await self.catalog.delete(st.workload.id)
         for wid, w in wanted.items():
             try:
                 current = self.catalog.get(wid).workload
@@ -479,7 +507,7 @@ class Appliance:
             if current != w:
                 try:
                     await self.catalog.put(w)
-                except (InvalidInput, LimitExceeded) as e:  # a limit: serve the rest
+                except (InvalidInput, LimitExceeded, Conflict) as e:  # serve the rest
                     log.error("static workload refused", extra={"workload": wid,
                                                                 "error": str(e)})
 
@@ -503,8 +531,9 @@ class Appliance:
             new.api.model_dump(include=restart_keys)
             != self.config.api.model_dump(include=restart_keys)
             or new.discovery.backend != self.config.discovery.backend
+            or new.discovery.consul != self.config.discovery.consul
         ):
-            needs_restart.append("api.listen/max_body/limits or discovery.backend")
+            needs_restart.append("api.listen/max_body/limits or discovery.backend/consul")
         check_keys = {"min_check_interval", "max_checks_per_second", "max_concurrent_checks"}
         if new.discovery.model_dump(include=check_keys) != self.config.discovery.model_dump(
             include=check_keys
@@ -514,13 +543,20 @@ class Appliance:
         self.config = new
         try:
             self._load_tokens()
-            await self._sync_static_workloads()
-            if self.trust is not None:
-                self.trust.manager.reload_bundle()  # a root rotation step, see docs/trust.md
+            if self.agent_link is not None:  # an agent: its control node holds the catalog
+                await self.agent_link.set_workloads(new.discovery.workloads)
+            else:
+                await self._sync_static_workloads()
         except (StartupError, DiscoveryError, TrustError) as e:
             self.config = old
             log.error("reload failed, keeping the running config", extra={"error": str(e)})
             return False
+        if self.trust is not None:
+            # Root and leaf rotation steps (docs/operations.md): the bundle, the cluster CA,
+            # and a fresh identity now. A problem here keeps what runs; the rest is applied.
+            problems = await self.trust.refresh(new)
+            if problems:
+                log.error("trust reload incomplete", extra={"problems": problems})
         logs.setup(new.log.level, new.log.format)
         log.info("config reloaded", extra={"changed": changed, "needs_restart": needs_restart})
         return True
@@ -532,6 +568,11 @@ class Appliance:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for unwatch in self._unwatch:
+            unwatch()
+        self._unwatch.clear()
+        if self.history is not None:
+            await self.history.stop()
         if self.agent_link is not None:
             await self.agent_link.leave()  # a clean stop: its workloads leave with it
             await self.agent_link.close()

@@ -6,6 +6,9 @@ isthmus ca issue --cluster NAME --node NODE [--kind gateway|agent] --dir DIR
 isthmus ca show FILE                                 what a certificate says
 isthmus ca rotate-root --dir DIR                     new root, both roots in the bundle
 isthmus ca retire-root --dir DIR                     bundle back to the current root only
+isthmus ca csr --cluster NAME --trust-domain TD --key FILE --out FILE
+                                                     a cluster CA key (made here) and its CSR
+isthmus ca sign-cluster --csr FILE --dir DIR         the root signs a cluster CA's CSR
 """
 
 from __future__ import annotations
@@ -25,10 +28,14 @@ from federation.trust.ca import (
     IDENTITY_LIFETIME,
     ROOT_LIFETIME,
     CertificateAuthority,
+    cluster_of_csr,
     create_cluster_ca,
     create_root,
     fingerprint,
+    generate_key,
     issue_identity,
+    make_cluster_csr,
+    sign_cluster_csr,
     utcnow,
 )
 from federation.trust.errors import KeyExists, TrustError
@@ -37,8 +44,11 @@ from federation.trust.pemfiles import (
     load_bundle,
     load_ca,
     load_certs,
+    load_csr,
+    load_key,
     write_bundle,
     write_certs,
+    write_csr,
     write_identity,
     write_key,
 )
@@ -169,6 +179,44 @@ def cmd_retire_root(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_csr(args: argparse.Namespace) -> int:
+    """On a control node: its cluster CA key stays here; only the CSR goes to the root."""
+    key_path, csr_path = Path(args.key), Path(args.out)
+    if key_path.exists() and not args.force:
+        key = load_key(key_path)
+        made = "existing key, kept"
+    else:
+        key = generate_key()
+        write_key(key_path, key, force=args.force)
+        made = "new key, 0600"
+    write_csr(csr_path, make_cluster_csr(key, args.trust_domain, args.cluster))
+    print(f"key       {key_path} ({made})  -> trust.ca_key")
+    print(f"csr       {csr_path}  (cluster CA spiffe://{args.trust_domain}/cluster/{args.cluster});"
+          " sign it with `isthmus ca sign-cluster` where the root is")
+    return 0
+
+
+def cmd_sign_cluster(args: argparse.Namespace) -> int:
+    """On the CA host: the root signs a cluster CA's CSR; the key never came here."""
+    layout = PkiLayout(Path(args.dir))
+    root = _root(layout)
+    csr = load_csr(Path(args.csr))
+    cluster = cluster_of_csr(csr, root.trust_domain)
+    cert = sign_cluster_csr(
+        root, csr, lifetime=args.days, name_constraints=args.name_constraints
+    )
+    # Kept beside the root (certificate only: the key is on the control node), so that
+    # `retire-root` knows which root each cluster CA chains to.
+    cert_path = layout.cluster_ca_cert(cluster)
+    write_certs(cert_path, [cert], force=args.force)
+    if args.out:
+        write_certs(Path(args.out), [cert], force=True)
+    print(f"cluster CA spiffe://{root.trust_domain}/cluster/{cluster}")
+    print(f"cert      {args.out or cert_path}  -> trust.ca_cert (with the key the CSR came from)")
+    print(f"expires   {cert.not_valid_after_utc.isoformat()}")
+    return 0
+
+
 def describe(cert: x509.Certificate, now: dt.datetime) -> list[str]:
     lines = []
     uris = uri_sans(cert)
@@ -269,6 +317,44 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     )
     common(p)
     p.set_defaults(func=_run(cmd_issue))
+
+    p = casub.add_parser(
+        "csr", help="on a control node: a cluster CA key (kept here) and a CSR for the root"
+    )
+    p.add_argument("--cluster", metavar="NAME", required=True, help="the cluster's name")
+    p.add_argument(
+        "--trust-domain", metavar="DOMAIN", required=True,
+        help="the federation's SPIFFE trust domain",
+    )
+    p.add_argument(
+        "--key", metavar="FILE", required=True,
+        help="the cluster CA key: made 0600 when absent, else used as it is",
+    )
+    p.add_argument("--out", metavar="FILE", required=True, help="where to write the CSR (PEM)")
+    p.add_argument(
+        "--force", action="store_true", help="make a new key even if FILE exists (replaces it)"
+    )
+    p.set_defaults(func=_run(cmd_csr))
+
+    p = casub.add_parser(
+        "sign-cluster", help="sign a cluster CA's CSR with the root (the key stays with it)"
+    )
+    p.add_argument("--csr", metavar="FILE", required=True, help="the CSR from `isthmus ca csr`")
+    p.add_argument(
+        "--out", metavar="FILE",
+        help="also write the certificate here (default: only DIR/clusters/<cluster>/ca.pem)",
+    )
+    p.add_argument(
+        "--days", metavar="N", type=_days, default=CLUSTER_CA_LIFETIME,
+        help="lifetime in days (default 365, never past the root)",
+    )
+    p.add_argument(
+        "--name-constraints",
+        action="store_true",
+        help="restrict the CA to URI SANs in the trust domain (default: no constraints)",
+    )
+    common(p, force="replace the cluster's certificate in DIR")
+    p.set_defaults(func=_run(cmd_sign_cluster))
 
     p = casub.add_parser("show", help="show what a certificate file says")
     p.add_argument("file", metavar="FILE", help="a PEM file with one or more certificates")

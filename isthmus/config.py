@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 import os
+import re
 import socket
 from collections.abc import Mapping
 from pathlib import Path
@@ -209,6 +210,9 @@ class ApiSection(_HttpListener):
     token_file: PathStr = "/etc/isthmus/api-token"
     tokens: list[ApiToken] = []  # extra, narrower tokens (the token_file one is admin)
     max_body: Annotated[StrictInt, Field(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
+    console: StrictBool = True  # the web console at /ui/ (static files; the API checks tokens)
+    # Recent events the console lists (GET /v1/events): a ring of this many, oldest dropped.
+    events: Annotated[StrictInt, Field(ge=10, le=100_000)] = 1000
 
 
 class ControlSection(_HttpListener):
@@ -292,12 +296,94 @@ class DnsSection(_Section):
     listen: Listen = "0.0.0.0:53"
     # The Corefile's text, or the path of a file holding it.
     corefile: Annotated[StrictStr, BeforeValidator(_corefile)] | None = None
+    # Open TCP connections per listener, in all and from one source (an IPv4 address or an
+    # IPv6 /64): one host holding connections cannot keep the others' TCP queries out.
+    max_tcp_connections: Count = 1000
+    max_tcp_connections_per_source: Count = 64
+
+
+def _consul_address(value: object) -> str:
+    """`http://HOST:PORT` or `https://HOST:PORT` of the local Consul agent."""
+    if not isinstance(value, str):
+        raise ValueError("expected http://HOST:PORT or https://HOST:PORT")
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme not in ("http", "https") or "/" in rest.rstrip("/"):
+        raise ValueError("expected http://HOST:PORT or https://HOST:PORT (no path)")
+    _endpoint(rest.rstrip("/"))
+    return f"{scheme}://{rest.rstrip('/')}"
+
+
+def _meta_key(value: object) -> str:
+    # Consul's rule for service meta keys; its `consul-` prefix is reserved.
+    if (not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,128}", value)
+            or value.startswith("consul-")):
+        raise ValueError(
+            "expected a Consul meta key: 1-128 letters, digits, '_' or '-', not starting "
+            "with 'consul-'"
+        )
+    return value
+
+
+def _datacenter(value: object) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
+        raise ValueError("expected a Consul datacenter name: letters, digits, '_' or '-'")
+    return value
+
+
+ConsulAddress = Annotated[StrictStr, BeforeValidator(_consul_address)]
+MetaKey = Annotated[StrictStr, AfterValidator(_meta_key)]
+
+
+class ConsulTlsSection(_Section):
+    ca_file: PathStr | None = None  # null: the system's CAs
+    cert_file: PathStr | None = None  # a client certificate, for Consul's verify_incoming
+    key_file: PathStr | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> ConsulTlsSection:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together: set both or neither")
+        return self
+
+
+class ConsulLocalitySection(_Section):
+    region: MetaKey = "region"  # node meta keys holding a workload's locality
+    zone: MetaKey = "zone"
 
 
 class ConsulSection(_Section):
-    address: StrictStr = "http://127.0.0.1:8500"
+    address: ConsulAddress = "http://127.0.0.1:8500"
     token_file: PathStr | None = None
-    datacenter: StrictStr | None = None
+    datacenter: Annotated[StrictStr, AfterValidator(_datacenter)] | None = None
+    tls: ConsulTlsSection = ConsulTlsSection()
+    stale_reads: StrictBool = False
+    warning_is: Literal["passing", "critical"] = "passing"
+    namespace_meta_key: MetaKey = "isthmus-namespace"
+    namespace_tag_prefix: Annotated[StrictStr, Field(min_length=1, max_length=128)] = (
+        "isthmus-namespace="
+    )
+    port_name_meta_key: MetaKey = "isthmus-port"
+    port_meta_prefix: MetaKey = "isthmus-port-"
+    default_port_name: Label = "tcp"
+    locality_node_meta: ConsulLocalitySection = ConsulLocalitySection()
+    kv_prefix: Annotated[StrictStr, Field(min_length=1, max_length=256)] | None = None
+    ignore_services: list[Annotated[StrictStr, Field(min_length=1)]] = ["consul"]
+    wait: Annotated[float, _duration_between(1.0, 600.0)] = 300.0
+    request_timeout: Annotated[float, _duration_between(0.1, 300.0)] = 10.0
+    liveness_interval: Annotated[float, _duration_between(0.1, 3600.0)] = 10.0
+    retry_max: Annotated[float, _duration_between(0.1, 3600.0)] = 30.0
+    query_min_interval: Annotated[float, _duration_between(0.01, 3600.0)] = 1.0
+    max_connections: Annotated[StrictInt, Field(ge=16, le=100_000)] = 192
+    startup_timeout: Annotated[float, _duration_between(0.0, 3600.0)] = 10.0
+
+    @model_validator(mode="after")
+    def _meta_keys(self) -> ConsulSection:
+        if self.port_name_meta_key.startswith(self.port_meta_prefix):
+            raise ValueError(
+                f"port_name_meta_key {self.port_name_meta_key!r} starts with port_meta_prefix "
+                f"{self.port_meta_prefix!r}: it would read as a port of its own"
+            )
+        return self
 
 
 class DiscoverySection(_Section):
@@ -330,6 +416,8 @@ class PeerSection(_Section):
 class FederationSection(_Section):
     peers: list[PeerSection] = []
     export: list[ExportGlob] = ["*.default"]
+    # A peer whose link has been down this long shows as `unreachable` instead of `stale`.
+    peer_unreachable_after: Annotated[float, _duration_between(1.0, 7 * 86400.0)] = 300.0
 
 
 class MonitorSection(_Section):
@@ -404,6 +492,9 @@ PATH_KEYS = (
     ("trust", "cert"), ("trust", "key"),
     ("api", "token_file"), ("agent", "bootstrap_token_file"),
     ("discovery", "consul", "token_file"),
+    ("discovery", "consul", "tls", "ca_file"),
+    ("discovery", "consul", "tls", "cert_file"),
+    ("discovery", "consul", "tls", "key_file"),
 )
 
 
@@ -529,8 +620,6 @@ def role_problems(cfg: Config) -> list[str]:
             f"roles: {sorted(roles & NEEDS_CONTROL)} need 'control' on the same node in this "
             "build (the routing table is computed there)"
         )
-    if cfg.discovery.backend != "embedded":
-        out.append("discovery.backend: 'consul' is not available in this build yet; use 'embedded'")
     return out
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from discovery.errors import StoreError
 from dns.errors import DnsError
 from dns.server import DnsServer
 from federation.routing import TableHolder
+from isthmus.catalogs import read_consul_token
 from isthmus.config import (
     Config,
     exposed_listeners,
@@ -40,6 +42,8 @@ def deeper_problems(cfg: Config) -> list[str]:
             f"is no identity in {cfg.trust.cert} yet (create a token with `isthmus token create` "
             "on the control node)"
         )
+    if cfg.discovery.backend == "consul":
+        problems += _consul_problems(cfg)
     seen: dict[tuple[str, int], str] = {}
     for key, listen in listeners_in_use(cfg):
         host, port = split_host_port(listen)
@@ -51,6 +55,24 @@ def deeper_problems(cfg: Config) -> list[str]:
                 problems.append(f"{key}: {listen} is also {other}'s address")
         seen[(host, port)] = key
     return problems
+
+
+def _consul_problems(cfg: Config) -> list[str]:
+    c = cfg.discovery.consul
+    out = []
+    if c.token_file is not None:
+        try:
+            read_consul_token(c.token_file)
+        except StoreError as e:
+            out.append(str(e))
+    for key in ("ca_file", "cert_file", "key_file"):
+        path = getattr(c.tls, key)
+        if path is not None and not _readable(path):
+            out.append(f"discovery.consul.tls.{key}: cannot read {path}")
+    if c.tls.ca_file and not c.address.startswith("https://"):
+        out.append(f"discovery.consul.tls.ca_file is set but discovery.consul.address "
+                   f"{c.address} is not https://: TLS would not be used")
+    return out
 
 
 def summary(cfg: Config) -> list[str]:
@@ -68,4 +90,9 @@ def summary(cfg: Config) -> list[str]:
         lines.append(f"peers: {peers}; exports {', '.join(cfg.federation.export)}")
     if cfg.discovery.workloads:
         lines.append(f"static workloads: {len(cfg.discovery.workloads)}")
+    if cfg.discovery.backend == "consul":
+        c = cfg.discovery.consul
+        lines.append(f"catalog: consul at {c.address}"
+                     + (f", datacenter {c.datacenter}" if c.datacenter else "")
+                     + (", ACL token from a file" if c.token_file else ", no ACL token"))
     return lines

@@ -11,6 +11,7 @@ from pathlib import Path
 from federation.trust import (
     CertificateAuthority,
     Identity,
+    IdentityIssuer,
     IdentityManager,
     LocalRenewer,
     RemoteRenewer,
@@ -48,6 +49,52 @@ class NodeTrust:
     credentials: TlsCredentials
     manager: IdentityManager
     authority: CertificateAuthority | None  # the cluster CA, on nodes that hold its key
+    issuer: IdentityIssuer | None = None  # the control listener's, which signs with `authority`
+
+    def reload_authority(self, cfg: Config) -> bool:
+        """Re-read trust.ca_cert/ca_key (a root rotation installs a cluster CA re-issued under
+        the new root); True if it changed and was swapped in for renewals and issuance."""
+        if self.authority is None:
+            return False
+        try:
+            ca = load_ca(Path(cfg.trust.ca_cert), Path(cfg.trust.ca_key))
+        except TrustError as e:
+            raise IdentityError(f"trust.ca_cert/ca_key: {e}") from None
+        if ca.cert == self.authority.cert:
+            return False
+        if ca.spiffe_id != self.authority.spiffe_id:
+            raise IdentityError(
+                f"trust.ca_cert: the CA is {ca.spiffe_id}, this node's cluster CA is "
+                f"{self.authority.spiffe_id}"
+            )
+        self.authority = ca
+        self.manager.renewer = LocalRenewer(ca)
+        if self.issuer is not None:
+            self.issuer.authority = ca
+        log.info("cluster CA reloaded", extra={
+            "issuer": ca.cert.issuer.rfc4514_string(),
+            "not_after": ca.cert.not_valid_after_utc.isoformat()})
+        return True
+
+    async def refresh(self, cfg: Config) -> list[str]:
+        """SIGHUP: re-read the bundle and the cluster CA, then renew this node's identity at
+        once - a leaf rotation on demand, and after a new cluster CA an identity chained to it.
+        Returns the problems (logged by the caller); a failed renewal keeps the current
+        identity, and the half-life renewal retries as usual."""
+        problems = []
+        try:
+            self.manager.reload_bundle()
+        except TrustError as e:
+            problems.append(f"trust.bundle: {e}")
+        try:
+            self.reload_authority(cfg)
+        except IdentityError as e:
+            problems.append(str(e))
+        try:
+            await self.manager.renew_now()
+        except (TrustError, OSError) as e:
+            problems.append(f"identity renewal: {e}")
+        return problems
 
 
 def ensure_local_pki(cfg: Config) -> None:
@@ -77,6 +124,15 @@ def _usable(identity: Identity, cfg: Config, kind: Kind, now: dt.datetime) -> st
     if identity.not_after <= now:
         return f"it expired at {identity.not_after.isoformat()}"
     return None
+
+
+def _stale_issuer(identity: Identity, authority: CertificateAuthority | None) -> str:
+    """Why a node holding its cluster CA must reissue its own identity: the CA certificate was
+    replaced (re-signed under a new root in a root rotation), so the identity on disk still
+    chains to the old one; "" when it was issued under the current CA certificate."""
+    if authority is None or identity.chain[1:2] == (authority.cert,):
+        return ""
+    return "it was issued under another certificate of the cluster CA"
 
 
 def _refuse_foreign(identity: Identity, cfg: Config, kind: Kind, now: dt.datetime) -> None:
@@ -122,7 +178,7 @@ def load_node_trust(cfg: Config, kind: Kind = Kind.GATEWAY) -> NodeTrust:
     if Path(t.cert).exists() and Path(t.key).exists():
         try:
             identity = load_identity(Path(t.cert), Path(t.key))
-            problem = _usable(identity, cfg, kind, now) or ""
+            problem = _usable(identity, cfg, kind, now) or _stale_issuer(identity, authority)
         except TrustError as e:
             problem = str(e)
         if problem and identity is not None:

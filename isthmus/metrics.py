@@ -47,14 +47,21 @@ class CatalogCollector(Collector):
         index = GaugeMetricFamily(
             "isthmus_catalog_index", "Catalog change index", labels=["cluster"]
         )
+        stale = GaugeMetricFamily(
+            "isthmus_catalog_stale",
+            "1 while the catalog serves its last-known state (its store, Consul, is unreachable)",
+            labels=["cluster"],
+        )
         for cat in list(self.catalogs):
             for h, n in cat.health_counts().items():
                 workloads.add_metric([cat.cluster, h.value], n)
             services.add_metric([cat.cluster], len(cat.services()))
             index.add_metric([cat.cluster], cat.index)
+            stale.add_metric([cat.cluster], 1.0 if cat.report().get("stale") else 0.0)
         yield workloads
         yield services
         yield index
+        yield stale
 
 
 CATALOGS = CatalogCollector()

@@ -93,7 +93,7 @@ def render_status(status: dict[str, Any], workloads: list[dict[str, Any]], now: 
         f"workloads here: {cat['workloads']} ({h['passing']} passing, {h['critical']} critical, "
         f"{h['unknown']} unknown); catalog index {cat['index']}"
     )
-    lines += _problems(status)
+    lines += _problems(status, now)
     lines += ["", _services(status)]
     if status.get("peers"):
         rows = [["PEER", "ADDRESS", "STATE", "LAST SYNC", "SERVICES", "ERROR"]]
@@ -124,9 +124,20 @@ def render_status(status: dict[str, Any], workloads: list[dict[str, Any]], now: 
     return "\n".join(lines)
 
 
-def _problems(status: dict[str, Any]) -> list[str]:
-    """What the appliance had to leave out: quarantined store rows, listeners past the budget."""
+def _problems(status: dict[str, Any], now: float) -> list[str]:
+    """What the appliance had to leave out: quarantined store rows, listeners past the budget,
+    a catalog that is stale because its store (Consul) does not answer."""
     out = []
+    cat = status.get("catalog") or {}
+    consul = cat.get("consul") or {}
+    if cat.get("stale"):
+        since = f" since {ago(consul['since'], now)}" if consul.get("since") else ""
+        why = one_line(consul.get("reason") or "not read from its store yet", 90)
+        out.append(f"problem: the catalog is STALE{since}: serving the last-known one; {why}")
+    elif consul:
+        out.append(f"catalog: consul {consul.get('address')} (datacenter "
+                   f"{consul.get('datacenter')}, node {consul.get('node')}): "
+                   f"{consul.get('state')}")
     for key, name in (("catalog", "catalog.db"), ("policy_store", "federation.db")):
         rows = (status.get(key) or {}).get("quarantined") or []
         if rows:

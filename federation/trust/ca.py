@@ -220,15 +220,31 @@ def create_cluster_ca(
     With `name_constraints`, the CA may only issue URI SANs under the trust domain's host -
     OpenSSL (and other verifiers) then enforce the trust domain even without Isthmus' checks.
     """
+    key = key or generate_key()
+    cert = _cluster_ca_cert(
+        root, cluster, key.public_key(), lifetime=lifetime, name_constraints=name_constraints,
+        now=now,
+    )
+    return CertificateAuthority(cert, key)
+
+
+def _cluster_ca_cert(
+    root: CertificateAuthority,
+    cluster: str,
+    public_key: ec.EllipticCurvePublicKey,
+    *,
+    lifetime: dt.timedelta,
+    name_constraints: bool,
+    now: dt.datetime | None,
+) -> x509.Certificate:
     td = root.trust_domain
     sid = SpiffeId.for_cluster(td, cluster)
-    key = key or generate_key()
     start, end = _window(now, lifetime, root.cert)
     builder = (
         x509.CertificateBuilder()
         .subject_name(names.cluster_ca_name(td, cluster))
         .issuer_name(root.cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
         .not_valid_after(end)
@@ -238,7 +254,7 @@ def create_cluster_ca(
             x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(sid))]),
             critical=False,
         )
-        .add_extension(_ski(key.public_key()), critical=False)
+        .add_extension(_ski(public_key), critical=False)
         .add_extension(_aki(root.cert), critical=False)
     )
     if name_constraints:
@@ -248,7 +264,65 @@ def create_cluster_ca(
             ),
             critical=True,
         )
-    return CertificateAuthority(builder.sign(root.key, hashes.SHA256()), key)
+    return builder.sign(root.key, hashes.SHA256())
+
+
+def make_cluster_csr(
+    key: PrivateKey, trust_domain: str, cluster: str
+) -> x509.CertificateSigningRequest:
+    """A CSR for cluster `cluster`'s CA: made where the cluster CA key lives (its control
+    node), so that key never travels; the root's holder signs it with `sign_cluster_csr`."""
+    sid = SpiffeId.for_cluster(check_trust_domain(trust_domain), cluster)
+    return (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(names.cluster_ca_name(trust_domain, cluster))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(sid))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+
+
+def cluster_of_csr(csr: x509.CertificateSigningRequest, trust_domain: str) -> str:
+    """The cluster a cluster-CA CSR asks for: its one URI SAN must be
+    `spiffe://<trust_domain>/cluster/<c>`. Raises CsrRejected saying what is wrong."""
+    try:
+        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise CsrRejected("the CSR has no URI SAN spiffe://<td>/cluster/<cluster>") from None
+    except ValueError as exc:
+        raise CsrRejected(f"the CSR's extensions cannot be read: {exc}") from None
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    if len(uris) != 1:
+        raise CsrRejected(f"the CSR must carry exactly one URI SAN, it has {len(uris)}")
+    try:
+        sid = SpiffeId.parse(uris[0])
+    except InvalidIdentity as exc:
+        raise CsrRejected(f"the CSR's URI SAN: {exc}") from None
+    if not sid.is_cluster:
+        raise CsrRejected(f"the CSR asks for {sid}, not a cluster CA (spiffe://<td>/cluster/<c>)")
+    if sid.trust_domain != trust_domain:
+        raise CsrRejected(f"the CSR asks for {sid}, outside this root's trust domain "
+                          f"{trust_domain}")
+    return sid.cluster
+
+
+def sign_cluster_csr(
+    root: CertificateAuthority,
+    csr: x509.CertificateSigningRequest,
+    *,
+    lifetime: dt.timedelta = CLUSTER_CA_LIFETIME,
+    name_constraints: bool = False,
+    now: dt.datetime | None = None,
+) -> x509.Certificate:
+    """Sign a cluster CA's CSR (from `make_cluster_csr`) with the root: the certificate
+    `create_cluster_ca` would make, for the key that stayed on the control node."""
+    cluster = cluster_of_csr(csr, root.trust_domain)
+    public_key = check_csr(csr)
+    return _cluster_ca_cert(
+        root, cluster, public_key, lifetime=lifetime, name_constraints=name_constraints, now=now
+    )
 
 
 def _check_public_key(public_key: object) -> ec.EllipticCurvePublicKey:

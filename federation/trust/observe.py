@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections.abc import Callable
 
 from prometheus_client import Counter
 
@@ -66,14 +67,32 @@ def classify(exc: BaseException) -> errors.TrustError:
     return errors.HandshakeError(f"{type(exc).__name__}: {exc}")
 
 
-def count_failure(err: errors.TrustError) -> None:
+# Told of every failure counted (the appliance's event log); (error, side, peer address).
+FailureListener = Callable[[errors.TrustError, str | None, str | None], None]
+_LISTENERS: list[FailureListener] = []
+
+
+def on_failure(listener: FailureListener) -> Callable[[], None]:
+    """Call `listener` for every handshake failure counted; returns the unsubscribe call."""
+    _LISTENERS.append(listener)
+    return lambda: _LISTENERS.remove(listener)
+
+
+def count_failure(
+    err: errors.TrustError, side: str | None = None, peer: str | None = None
+) -> None:
     """Count `err` only: for a caller that logs refusals its own way (rate-limited)."""
     HANDSHAKE_FAILURES.labels(reason=err.reason).inc()
+    for listener in list(_LISTENERS):
+        try:
+            listener(err, side, peer)
+        except Exception:  # a listener's bug must not turn a refusal into a crash
+            log.exception("handshake failure listener failed")
 
 
 def record_failure(err: errors.TrustError, *, side: str, peer: str | None = None) -> None:
     """Count `err` and log one line naming its reason. `side` is "server" or "client"."""
-    count_failure(err)
+    count_failure(err, side, peer)
     log.warning(
         "tls handshake refused reason=%s side=%s peer=%s detail=%s",
         err.reason,

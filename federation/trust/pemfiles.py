@@ -89,6 +89,19 @@ def write_identity(cert_path: Path, key_path: Path, identity: Identity, *, force
     write_certs(cert_path, identity.chain, force=force)
 
 
+def write_csr(path: Path, csr: x509.CertificateSigningRequest) -> None:
+    # A CSR is public (a public key and a signature): replaced atomically like the bundle.
+    write_file(path, csr.public_bytes(serialization.Encoding.PEM), CERT_MODE, force=True)
+
+
+def load_csr(path: Path) -> x509.CertificateSigningRequest:
+    data = _read(path, "certificate signing request")
+    try:
+        return x509.load_pem_x509_csr(data)
+    except ValueError:
+        raise PkiError(f"{path} holds no PEM certificate signing request") from None
+
+
 def _read(path: Path, what: str) -> bytes:
     try:
         return Path(path).read_bytes()

@@ -224,3 +224,17 @@ def test_listener_limits() -> None:
     ]
     with pytest.raises(ConfigError, match="shorter than handshake_timeout"):
         configmod.validate({**base, "ingress": {"client_hello_timeout": "10s"}})
+
+
+def test_resolver_tcp_limits() -> None:
+    base = {"cluster": "east", "trust_domain": "mesh.test"}
+    cfg = configmod.validate(base)
+    assert (cfg.dns.max_tcp_connections, cfg.dns.max_tcp_connections_per_source) == (1000, 64)
+    tuned = configmod.validate({**base, "dns": {"max_tcp_connections_per_source": 8}})
+    assert tuned.dns.max_tcp_connections_per_source == 8
+    with pytest.raises(ConfigError) as e:
+        configmod.validate(
+            {**base, "dns": {"max_tcp_connections": 0, "max_tcp_connections_per_source": "64"}}
+        )
+    paths = [p.split(":")[0] for p in e.value.problems]
+    assert paths == ["dns.max_tcp_connections", "dns.max_tcp_connections_per_source"]

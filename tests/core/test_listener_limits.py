@@ -297,3 +297,41 @@ async def test_the_ingress_knows_the_federation_peers(tmp_path: Path) -> None:
         assert not app.ingress.is_known_peer("127.0.32.1")
     finally:
         await app.stop()
+
+
+async def test_the_resolver_takes_its_tcp_limits_from_the_config(tmp_path: Path) -> None:
+    """`dns.max_tcp_connections_per_source` reaches the resolver's TCP listener: a source over
+    it is closed at accept, and counted."""
+    from dns.transport import TcpLimits
+
+    host = make_config(tmp_path)["api"]["listen"].rpartition(":")[0]
+    raw = make_config(
+        tmp_path,
+        roles=["control", "dns"],
+        dns={"listen": f"{host}:0", "max_tcp_connections": 50,
+             "max_tcp_connections_per_source": 2},
+    )
+    app = Appliance(configmod.validate(raw), builtin_default=True)
+    await app.start()
+    held_socks: list[socket.socket] = []
+    try:
+        assert app.dns is not None
+        assert app.dns.tcp_limits == TcpLimits(max_connections=50, max_connections_per_source=2)
+        server = f"dns://{host}:{app.dns.port}"
+        labels = {"server": server, "reason": "source"}
+        before = REGISTRY.get_sample_value("isthmus_dns_tcp_connections_refused_total",
+                                           labels) or 0.0
+        for _ in range(3):
+            s = socket.create_connection((host, app.dns.port), timeout=10,
+                                         source_address=(LEGIT, 0))
+            held_socks.append(s)
+        await until(lambda: (REGISTRY.get_sample_value(
+            "isthmus_dns_tcp_connections_refused_total", labels) or 0.0) == before + 1,
+            "the third connection from one source refused", bound=10)
+        held_socks[2].settimeout(10)
+        with contextlib.suppress(ConnectionResetError):
+            assert held_socks[2].recv(1) == b""
+    finally:
+        for s in held_socks:
+            s.close()
+        await app.stop()

@@ -193,6 +193,10 @@ async def test_documented_vm_config_registers_checked_workloads(
         _, status = await east.call("GET", "/v1/status")
         [vm] = [a for a in status["agents"] if a["node"] == "vm-17"]
         assert vm["state"] == "disconnected" and vm["workloads"] == 2
+        # the console's topology lists them under the agent
+        assert sorted((w["id"], w["health"]) for w in vm["registered"]) == [
+            ("vm-17-api", "critical"), ("vm-17-web", "critical")
+        ]
 
         # it comes back (its identity is on disk now): passing again, no action needed
         agent.start()
@@ -290,3 +294,39 @@ async def test_control_restart_agents_come_back_or_are_held_after_the_grace(
 async def _connected(c: Cluster, node: str) -> bool:
     _, status = await c.call("GET", "/v1/status")
     return any(a["node"] == node and a["state"] == "connected" for a in status["agents"])
+
+
+async def test_sighup_on_an_agent_reloads_what_it_can_and_keeps_running(
+    tmp_path: Path, federation: dict[str, Cluster]
+) -> None:
+    """SIGHUP on a VM agent (a deployment changed its config): the log level and API tokens
+    are applied, a change of its workloads is reported as needing a restart, and the agent
+    keeps running with its workloads - no error, no half-applied config."""
+    east = federation["east"]
+    workloads = [{"id": "vm-17-web", "service": "web", "address": VM, "ports": {"http": 8080}}]
+    await _token(east, tmp_path)
+    config = vm_config(tmp_path, east.control_addr, workloads)  # type: ignore[attr-defined]
+    agent = Agent(config)
+    agent.start()
+    try:
+        assert " running; " in await agent.running()
+        await eventually(lambda: _passing(east, "vm-17-web"), what="registered")
+        raw = yaml.safe_load(config.read_text())
+        raw["discovery"]["workloads"][0]["labels"] = {"version": "v2"}
+        raw["log"] = {"level": "debug", "format": "json"}
+        config.write_text(yaml.safe_dump(raw))
+        assert agent.proc is not None
+        agent.proc.send_signal(signal.SIGHUP)
+
+        async def reloaded() -> str | None:
+            out = "".join(agent.output)
+            return out if ("config reloaded" in out or "Traceback" in out) else None
+
+        out = await eventually(reloaded, what="the agent's reload logged")
+        assert "Traceback" not in out and "Error" not in out, out
+        [line] = [ln for ln in out.splitlines() if "config reloaded" in ln]
+        assert "discovery" in line and "needs_restart" in line, line
+        assert agent.proc.poll() is None
+        assert await _passing(east, "vm-17-web")
+    finally:
+        agent.kill()

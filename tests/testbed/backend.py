@@ -20,6 +20,9 @@ def make_handler(identity: dict[str, object]) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as the drills' load generator uses it
         server_version = "isthmus-testbed-backend"
+        # Headers and body go out in two writes: with Nagle on, every response after the
+        # first on a keep-alive connection waits for the client's delayed ACK (~40 ms).
+        disable_nagle_algorithm = True
 
         def do_GET(self) -> None:
             if self.path == "/healthz":

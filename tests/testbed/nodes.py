@@ -29,6 +29,11 @@ if TYPE_CHECKING:
     from .testbed import Testbed
 
 BACKEND_SCRIPT = Path(__file__).with_name("backend.py")
+# A machine owns its network namespace, as a host owns its network: with CAP_NET_ADMIN
+# (--capability) and a writable /proc/sys/net a deployment can add routes (a VIP range local on
+# lo) and turn forwarding on for an edge that is its cluster's way out. Nothing of it reaches
+# the host: the namespace is the machine's alone.
+NSPAWN_ENV = {**os.environ, "SYSTEMD_NSPAWN_API_VFS_WRITABLE": "network"}
 BACKEND_PATH = "/opt/isthmus-testbed/backend.py"  # inside a machine
 
 
@@ -231,6 +236,8 @@ class Machine(Node):
             "--console=passive",
             "--register=no",  # no systemd-machined on these hosts (PID 1 is not systemd)
             "--keep-unit",
+            # deployments set routes and forwarding in the machine's own network namespace
+            "--capability=CAP_NET_ADMIN",
             "--resolv-conf=off",  # /etc/resolv.conf is the machine's own file in its overlay
             "--timezone=off",
             "--link-journal=no",
@@ -273,6 +280,7 @@ class Machine(Node):
             self._proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+                env=NSPAWN_ENV,
             )
         finally:
             log.close()

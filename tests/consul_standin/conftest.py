@@ -1,0 +1,1 @@
+from tests.consul_standin.fixture import standin  # noqa: F401  (a fixture)
