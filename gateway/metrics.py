@@ -31,7 +31,7 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
@@ -59,6 +59,7 @@ __all__ = [
     "GatewayKind",
     "Outcome",
     "Totals",
+    "add_figures",
     "edges",
     "ejection_listener",
     "flow",
@@ -186,16 +187,34 @@ def _series_totals(labels: tuple[str, str, str, str]) -> Totals:
     return totals
 
 
-def edges() -> dict[tuple[str, str, str], tuple[int, int, float, tuple[int, ...]]]:
+Figures = tuple[int, int, float, tuple[int, ...]]  # requests, errors, duration sum, buckets
+K = TypeVar("K", tuple[str, str, str], tuple[str, str, str, str])
+
+
+def edges() -> dict[tuple[str, str, str], Figures]:
     """(gateway, source, destination) -> (requests, errors, duration sum, bucket counts)."""
     flush()  # L7 requests are added up per batch (see `Flow.request`)
     return {k: t.frozen() for k, t in list(_EDGES.items())}
 
 
-def series() -> dict[tuple[str, str, str, str], tuple[int, int, float, tuple[int, ...]]]:
+def series() -> dict[tuple[str, str, str, str], Figures]:
     """(gateway, source, service, destination) -> as `edges()`, per service."""
     flush()
     return {k: t.frozen() for k, t in list(_SERIES.items())}
+
+
+def add_figures(*groups: dict[K, Figures]) -> dict[K, Figures]:
+    """`edges()` or `series()` of several processes (the data-plane workers), as one's."""
+    out: dict[K, Figures] = {}
+    for group in groups:
+        for key, (n, errors, total, buckets) in group.items():
+            had = out.get(key)
+            if had is None:
+                out[key] = (n, errors, total, tuple(buckets))
+            else:
+                out[key] = (had[0] + n, had[1] + errors, had[2] + total,
+                            tuple(a + b for a, b in zip(had[3], buckets, strict=True)))  # fmt: skip
+    return out
 
 
 class _EdgeCollector(Collector):

@@ -9,8 +9,10 @@ its own balancer state (outlier detection is per process, as in Envoy).
 Metrics: every worker counts in its own default registry. At each scrape of the appliance's
 `/metrics` the parent asks every worker for its `isthmus_*` metric families (`scrape`) and
 adds them up with its own (`gateway.metrics.merge_families`): counters and histograms sum,
-so `isthmus_requests_total` is the total over the workers. A worker that does not answer
-within the scrape timeout is left out of that scrape and logged.
+so `isthmus_requests_total` and `isthmus_edge_requests_total` are totals over the workers. A
+worker that does not answer within the scrape timeout is left out of that scrape and logged.
+The console's traffic history reads the workers' edge and series totals the same way, at
+every tick (`figures`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from prometheus_client.metrics_core import Metric
 from federation.routing import RoutingTable, TableHolder
 from federation.trust.credentials import TlsCredentials
 from federation.trust.pemfiles import load_bundle, load_identity
+from gateway import metrics
 from gateway.egress import Egress, EgressConfig
 from gateway.ingress import Ingress, IngressConfig
 from gateway.metrics import merge_families
@@ -45,6 +48,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+EdgeFigures = dict[tuple[str, str, str], metrics.Figures]
+SeriesFigures = dict[tuple[str, str, str, str], metrics.Figures]
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,9 +88,11 @@ class Stop:
 
 @dataclass(frozen=True, slots=True)
 class Scrape:
-    """Send your metric families back (`_Scraped` with the same `seq`)."""
+    """Send your figures back (`_Scraped` with the same `seq`): the edge and series totals
+    always, the metric families when `families`."""
 
     seq: int
+    families: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +105,8 @@ class _Scraped:
     seq: int
     index: int
     families: list[Metric] = field(default_factory=list)
+    edges: EdgeFigures = field(default_factory=dict)
+    series: SeriesFigures = field(default_factory=dict)
 
 
 def own_families() -> list[Metric]:
@@ -147,7 +157,9 @@ async def _serve(spec: WorkerSpec, index: int, conn: multiprocessing.connection.
                 fresh = spec.tls.load()
                 credentials.update(identity=fresh.identity, bundle=fresh.bundle)
             elif isinstance(message, Scrape):
-                conn.send(_Scraped(message.seq, index, own_families()))
+                families = own_families() if message.families else []
+                conn.send(_Scraped(message.seq, index, families, metrics.edges(),
+                                   metrics.series()))  # fmt: skip
             elif isinstance(message, Stop):
                 drain = message.drain
                 break
@@ -190,6 +202,9 @@ class WorkerPool:
         self._conns: list[multiprocessing.connection.Connection] = []
         self._scrape_lock = asyncio.Lock()
         self._seq = itertools.count(1)
+        # Each worker's last edge and series totals: one that misses a round keeps its last
+        # figures, so the sums the console takes differences of never go backwards.
+        self._figures: dict[int, _Scraped] = {}
 
     @property
     def pids(self) -> list[int]:
@@ -217,21 +232,35 @@ class WorkerPool:
     def publish(self, table: RoutingTable) -> None:
         self._broadcast(table)
 
-    async def scrape(self, timeout: float = 5.0) -> list[Metric]:
-        """Every worker's `isthmus_*` metric families, added up (see the module docstring)."""
+    async def _round(self, families: bool, timeout: float) -> list[_Scraped]:
         async with self._scrape_lock:  # one request-answer round on the pipes at a time
             seq = next(self._seq)
             conns = list(self._conns)
             for conn in conns:
                 with contextlib.suppress(OSError):
-                    conn.send(Scrape(seq))
+                    conn.send(Scrape(seq, families))
             answers = await asyncio.gather(
                 *(asyncio.to_thread(_answer, conn, seq, timeout) for conn in conns)
             )
         missing = [i for i, a in enumerate(answers) if a is None]
         if missing:
             log.warning("workers did not send metrics", extra={"workers": missing})
-        return merge_families([a.families for a in answers if a is not None])
+        got = [a for a in answers if a is not None]
+        for a in got:
+            self._figures[a.index] = a
+        return got
+
+    async def scrape(self, timeout: float = 5.0) -> list[Metric]:
+        """Every worker's `isthmus_*` metric families, added up (see the module docstring)."""
+        return merge_families([a.families for a in await self._round(True, timeout)])
+
+    async def figures(self, timeout: float = 5.0) -> tuple[EdgeFigures, SeriesFigures]:
+        """Every worker's edge and series totals (`gateway.metrics.edges`, `series`), added
+        up: what the console's traffic history reads when the data plane runs in workers."""
+        await self._round(False, timeout)
+        last = list(self._figures.values())
+        return (metrics.add_figures(*(a.edges for a in last)),
+                metrics.add_figures(*(a.series for a in last)))  # fmt: skip
 
     def reload_credentials(self) -> None:
         self._broadcast(ReloadCredentials())

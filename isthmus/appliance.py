@@ -31,6 +31,7 @@ from federation.routing import TableHolder
 from federation.service import Federation
 from federation.trust import BootstrapTokens, IdentityIssuer, TrustError, issuance_app
 from federation.trust.spiffe import Kind
+from gateway import metrics as gwmetrics
 from gateway.budget import ListenerAdmission, listener_budget, open_file_limit, raise_nofile_limit
 from gateway.egress import Egress, EgressConfig
 from gateway.ingress import Ingress
@@ -67,7 +68,6 @@ from isthmus.traffic import TrafficHistory
 log = logging.getLogger(__name__)
 
 
-
 class StartupError(Exception):
     pass
 
@@ -87,6 +87,8 @@ class Appliance:
         self.ingress: Ingress | None = None
         self.egress: Egress | None = None
         self.egress_workers: WorkerPool | None = None
+        self._worker_edges: dict[tuple[str, str, str], gwmetrics.Figures] = {}
+        self._worker_series: dict[tuple[str, str, str, str], gwmetrics.Figures] = {}
         self.agent_link: AgentLink | None = None
         self.agent_hub: AgentHub | None = None
         self.bootstrap_tokens: BootstrapTokens | None = None
@@ -177,7 +179,10 @@ class Appliance:
             watch_federation(self.events, self.federation),
             watch_handshakes(self.events),
         ]
-        self.history = TrafficHistory(cfg.cluster)
+        self.history = TrafficHistory(
+            cfg.cluster, read_edges=self._edges, read_series=self._series,
+            refresh=self._refresh_worker_figures,
+        )  # fmt: skip
         self.history.start(also=self.events.flush)
 
         ctx = ApiContext(
@@ -394,6 +399,19 @@ class Appliance:
     async def _worker_metrics(self) -> list[Metric]:
         pool = self.egress_workers
         return await pool.scrape() if pool is not None else []
+
+    # The console's traffic figures: this process's totals plus the data-plane workers' (their
+    # last answer, gathered before each tick of the traffic history).
+    async def _refresh_worker_figures(self) -> None:
+        pool = self.egress_workers
+        if pool is not None:
+            self._worker_edges, self._worker_series = await pool.figures()
+
+    def _edges(self) -> dict[tuple[str, str, str], gwmetrics.Figures]:
+        return gwmetrics.add_figures(gwmetrics.edges(), self._worker_edges)
+
+    def _series(self) -> dict[tuple[str, str, str, str], gwmetrics.Figures]:
+        return gwmetrics.add_figures(gwmetrics.series(), self._worker_series)
 
     async def _follow_renewals(self) -> None:
         assert self.trust is not None and self.egress_workers is not None

@@ -1,4 +1,5 @@
-"""`workers: N`: the data-plane workers' metrics reach the appliance's /metrics, added up."""
+"""`workers: N`: the data-plane workers' metrics reach the appliance's /metrics, added up, and
+their traffic reaches the console's figures (/v1/edges, /v1/services/.../requests)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from isthmus import config as configmod
+from isthmus.api import INDEX_HEADER
 from isthmus.appliance import Appliance
 from isthmus.identity import ensure_local_pki
 
@@ -24,6 +26,21 @@ REQUESTS = 40
 
 async def _hi(_: web.Request) -> web.Response:
     return web.Response(text="hi")
+
+
+def edge_requests_total(text: str, cluster: str) -> float:
+    """`isthmus_edge_requests_total` of the egress edge `cluster` -> `cluster`, ok and error."""
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if (
+                s.name == "isthmus_edge_requests_total"
+                and s.labels.get("gateway") == "egress"
+                and s.labels.get("source_cluster") == cluster
+                and s.labels.get("destination_cluster") == cluster
+            ):
+                total += s.value
+    return total
 
 
 def requests_total(text: str, service: str) -> float:
@@ -93,6 +110,24 @@ async def test_requests_served_by_two_workers_add_up_in_metrics(tmp_path: Path) 
                     async with s.get(f"http://{mhost}:{mport}/metrics") as r:
                         text = await r.text()
                 assert requests_total(text, "counted.default") == REQUESTS
+                cluster = raw["cluster"]
+                assert edge_requests_total(text, cluster) == REQUESTS
+                # The console's figures: the history gathers the workers' totals every tick.
+                index, served = 0, 0
+                async with asyncio.timeout(30):
+                    while served < REQUESTS:
+                        status, body, r = await api.call(
+                            "GET", f"/v1/edges?window=5m&index={index}&wait=10s"
+                        )
+                        assert status == 200
+                        index = int(r.headers[INDEX_HEADER])
+                        served = sum(e["requests"] for e in body["edges"]
+                                     if e["gateway"] == "egress"
+                                     and e["source"] == e["destination"] == cluster)  # fmt: skip
+                assert served == REQUESTS
+                status, body, _ = await api.call("GET", "/v1/services/default/counted/requests")
+                assert status == 200
+                assert sum(body["egress"][cluster]["requests"]) == REQUESTS
             finally:
                 await api.close()
     finally:
