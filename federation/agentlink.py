@@ -21,12 +21,12 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from discovery.backoff import Backoff
 from discovery.catalog import Catalog
 from discovery.errors import Conflict, DiscoveryError, NotFound
 from discovery.health import HealthChecker
 from discovery.model import WorkloadState
 from discovery.schema import StaticWorkload, parse_workload
-from federation.backoff import Backoff
 from federation.routing import RoutingTable, TableHolder, table_from_json, table_to_json
 from federation.trust import PeerVerificationError, SpiffeId, TlsCredentials, verify_peer
 from federation.trust.live import LiveIdentities

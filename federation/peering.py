@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from prometheus_client import Counter, Gauge
 
 from discovery.addresses import split_host_port
-from federation.backoff import Backoff
+from discovery.backoff import Backoff
 from federation.feed import (
     ExportFeed,
     FeedError,

@@ -1,5 +1,5 @@
 """One HOST:PORT parser (discovery/addresses.py) and one reconnect back-off
-(federation/backoff.py) for the whole tree."""
+(discovery/backoff.py) for the whole tree."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from discovery.addresses import AddressError, join_host_port, split_host_port
-from federation.backoff import Backoff
+from discovery.backoff import Backoff
 
 
 def test_split_host_port_forms() -> None:
@@ -55,3 +55,16 @@ def test_backoff_doubles_its_ceiling_with_full_jitter_and_resets() -> None:
     assert b.next() == pytest.approx(0.2)  # the ceiling is the floor again
     with pytest.raises(ValueError):
         Backoff(2.0, 1.0)
+
+
+def test_backoff_with_half_jitter_stays_within_a_factor_two_of_its_ceiling() -> None:
+    b = Backoff(0.5, 4.0, jitter=0.5)
+    rng = random.Random(3)
+    for ceiling in [0.5, 1.0, 2.0, 4.0, 4.0]:
+        delay = b.next(rng)
+        assert max(0.5, ceiling / 2) <= delay <= ceiling
+    assert b.failures == 5
+    b.reset()
+    assert (b.failures, b.next(rng)) == (0, 0.5)
+    with pytest.raises(ValueError):
+        Backoff(0.5, 4.0, jitter=1.5)
