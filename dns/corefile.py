@@ -321,9 +321,8 @@ def parse_zone_key(tok: Token) -> ZoneKey:
     if ":" in text:
         try:
             host, port = split_host_port(text)
-        except AddressError:
-            port_text = text.rpartition(":")[2]
-            raise tok.error(f"port {port_text!r} is not a number from 0 to 65535") from None
+        except AddressError as e:
+            raise tok.error(f"bad zone address {tok.text!r}: {e}") from None
     if host in ("", "."):
         return ZoneKey(".", port, tok)
     if "/" in host:

@@ -34,6 +34,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from discovery.addresses import join_host_port, split_host_port
 from federation.routing import RoutingTable, ServiceRoute, TableHolder
 from federation.trust.connections import VerifiedConnection
 from federation.trust.credentials import TlsCredentials
@@ -190,7 +191,7 @@ class Ingress:
                 log.warning("ingress accept failed", extra={"error": repr(exc)})
                 await asyncio.sleep(0.1)
                 continue
-            peer = f"{addr[0]}:{addr[1]}"
+            peer = join_host_port(addr[0], addr[1])
             if len(self._tasks) >= self.config.max_connections:
                 self._refuse(sock, peer, _Refusal("connection_limit", "too many connections"))
                 continue
@@ -499,8 +500,8 @@ class Ingress:
 
 
 def _host(peer: str) -> str:
-    """The address in a peer label ("ip:port", "ip:port stream N")."""
-    return peer.rpartition(":")[0]
+    """The address in a peer label ("ip:port", "[v6]:port", "ip:port stream N")."""
+    return split_host_port(peer.partition(" ")[0])[0]
 
 
 def _route_name(
