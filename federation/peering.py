@@ -27,7 +27,7 @@ from federation.feed import (
     ExportFeed,
     FeedError,
     FeedState,
-    FrameDecoder,
+    MessageDecoder,
     apply_message,
     encode_frame,
 )
@@ -90,7 +90,7 @@ class PeerState:
 
 
 async def _read_messages(
-    reader: asyncio.StreamReader, decoder: FrameDecoder, timeout: float
+    reader: asyncio.StreamReader, decoder: MessageDecoder, timeout: float
 ) -> list[dict]:
     while True:
         async with asyncio.timeout(timeout):
@@ -140,7 +140,7 @@ class FeedServer:
             writer.transport.abort() if writer.transport.is_closing() else writer.close()
 
     async def _serve(self, conn: VerifiedConnection, peer: str) -> None:
-        decoder = FrameDecoder(max_frame=64 * 1024)
+        decoder = MessageDecoder(max_frame=64 * 1024)
         (hello, *_) = await _read_messages(conn.reader, decoder, 10.0)
         if hello.get("type") != "subscribe" or not isinstance(hello.get("version", 0), int):
             raise FeedError("expected a subscribe message first")
@@ -350,7 +350,7 @@ class PeerLink:
                 )
             )
             await conn.writer.drain()
-            decoder = FrameDecoder()
+            decoder = MessageDecoder()
             try:
                 first = await _read_messages(conn.reader, decoder, HEARTBEAT * 3)
             except ConnectionError:
