@@ -53,7 +53,12 @@ HOP_BY_HOP = frozenset(
 )  # fmt: skip
 RESERVED_PREFIX = b"x-isthmus-"
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_TARGET = re.compile(rb"[\x21-\x7e]+")  # no spaces, no controls
+# A request-target in a form llhttp also reads (RFC 9112 §3.2): origin (`/...`), asterisk, or
+# absolute (`scheme://authority` then `/` or `?` or nothing; no userinfo); no spaces or
+# controls anywhere. A parser behind us that read the target differently, or refused it, is
+# how requests get smuggled. The authority form is CONNECT's (`_VISIBLE`), refused later.
+_TARGET = re.compile(rb"(?:[/*]|[A-Za-z]+://[A-Za-z0-9.\-:\[\]]*(?=[/?]|$))[\x21-\x7e]*")
+_VISIBLE = re.compile(rb"[\x21-\x7e]+")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # controls except HTAB
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
 _END = b"\r\n\r\n"
@@ -90,7 +95,7 @@ _SPECIAL = re.compile(
 # need only the special fields, and leave anything unusual to the general parser.
 _TOKEN_CHARS = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
 _BLOCK = rb"((?:\r\n" + _TOKEN_CHARS + rb"+:[\t\x20-\x7e\x80-\xff]*)*)"
-_REQUEST_FAST = re.compile(_TOKEN_CHARS + rb"+ [\x21-\x7e]+ HTTP/1\.([01])" + _BLOCK)
+_REQUEST_FAST = re.compile(_TOKEN_CHARS + rb"+ [/*][\x21-\x7e]* HTTP/1\.([01])" + _BLOCK)
 _RESPONSE_FAST = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: [\t\x20-\x7e\x80-\xff]*)?" + _BLOCK)
 _CONNECTION_VALUES = (b"close", b"keep-alive")
 class H1Error(ProtocolError):
@@ -393,7 +398,9 @@ def parse_request_head(buf: bytes | bytearray, max_size: int = 8190) -> RequestH
     if len(parts) != 3:
         raise H1Error(400, "malformed request line")
     method, target, version = parts
-    if not _TOKEN.fullmatch(method) or not _TARGET.fullmatch(target):
+    if not _TOKEN.fullmatch(method) or not (
+        _VISIBLE if method == b"CONNECT" else _TARGET
+    ).fullmatch(target):
         raise H1Error(400, "malformed request line")
     if version not in (b"HTTP/1.1", b"HTTP/1.0"):
         if version.startswith(b"HTTP/") and len(version) == 8:

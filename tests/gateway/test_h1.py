@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from gateway.proto.h1 import (
@@ -365,6 +365,7 @@ def _spliced(head: bytes, cuts: list[tuple[int, bytes]]) -> bytes:
     st.lists(st.tuples(oracle_names, oracle_values), max_size=6),
     st.lists(st.tuples(st.integers(0, 200), splice), max_size=2),
 )
+@example(b"OPTIONS *", b"HTTP/1.1", [], [(8, b":")])  # found by this test: ":*"
 def test_what_we_forward_llhttp_reads_the_same_way(
     line: bytes, version: bytes, fields: list[tuple[bytes, bytes]], cuts: list[tuple[int, bytes]]
 ) -> None:
@@ -436,3 +437,29 @@ def test_responses_we_forward_llhttp_reads_the_same_way(
     if ours.body is not BodyKind.UNTIL_CLOSE:
         assert ours.keep_alive == theirs[2]
     assert llhttp(ours.forward, request=False) is not None
+
+
+@pytest.mark.parametrize(
+    "target", [b":*", b"?q", b"#f", b"1abc", b"a", b"a:b", b"a/b", b"-", b"%41", b"[::1]",
+               b"h2c://a/", b"http://u@h/", b"http://h\x7f"],
+)  # fmt: skip
+def test_a_target_llhttp_refuses_is_refused(target: bytes) -> None:
+    raw = b"GET " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n"
+    with pytest.raises(H1Error) as err:
+        parse_request_head(raw)
+    assert err.value.status == 400
+
+
+@pytest.mark.parametrize(
+    "target", [b"/", b"/a?b#c", b"*", b"//x", b"http://a.b:80/x?y", b"HTTP://[::1]", b"http://a?q"],
+)  # fmt: skip
+def test_the_target_forms_llhttp_reads_are_forwarded(target: bytes) -> None:
+    raw = b"GET " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n"
+    head = parse_request_head(raw)
+    assert head is not None and head.target == target
+    assert llhttp(head.forward, request=True) is not None
+
+
+def test_connect_keeps_its_authority_form() -> None:
+    head = parse_request_head(b"CONNECT a.example:443 HTTP/1.1\r\nHost: a.example\r\n\r\n")
+    assert head is not None and head.target == b"a.example:443" and head.upgrade
