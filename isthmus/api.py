@@ -6,6 +6,7 @@ Errors from every layer are translated here, at the boundary, into
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -428,9 +429,43 @@ async def get_service(request: web.Request) -> web.Response:
     return json_response(out, index=index)
 
 
+def status_index(ctx: ApiContext) -> int:
+    """The index of `GET /v1/status`: it moves with the catalog, the routing table (a peer's
+    exports, a policy) and the event log (peer states). Each of the three only grows, so their
+    sum does, and it changes whenever one of them does."""
+    table = ctx.holder.current.version if ctx.holder else 0
+    events = ctx.events.index if ctx.events else 0
+    return ctx.catalog.index + table + events
+
+
+async def wait_for_status(ctx: ApiContext, index: int, wait: float) -> None:
+    """Block until the status index passes `index` or `wait` runs out (a client with an index
+    from elsewhere, or an earlier run, gets its answer at once)."""
+    if wait <= 0 or status_index(ctx) != index:
+        return
+    table_changed = asyncio.Event()
+    unsubscribe = (
+        ctx.holder.subscribe(lambda _table: table_changed.set()) if ctx.holder else None
+    )
+    waits = [asyncio.ensure_future(ctx.catalog.wait(ctx.catalog.index, wait)),
+             asyncio.ensure_future(table_changed.wait())]
+    if ctx.events is not None:
+        waits.append(asyncio.ensure_future(ctx.events.wait(ctx.events.index, wait)))
+    try:
+        await asyncio.wait(waits, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
+        if unsubscribe is not None:
+            unsubscribe()
+
+
 async def status(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
-    await wait_for_index(request)  # a blocking query, as the read routes (the console's feed)
+    index, wait = blocking_params(request)
+    if index is not None:  # a blocking query: the console's feed
+        await wait_for_status(ctx, index, wait)
     health_counts = {h.value: n for h, n in ctx.catalog.health_counts().items()}
     out: dict[str, Any] = {
         "cluster": ctx.cluster,
@@ -460,7 +495,7 @@ async def status(request: web.Request) -> web.Response:
     if ctx.reports is not None:
         for key, value in ctx.reports().items():
             out[key] = {**out[key], **value} if isinstance(out.get(key), dict) else value
-    return json_response(out, index=ctx.catalog.index)
+    return json_response(out, index=status_index(ctx))
 
 
 def policy_json(fed: Federation, policy: TrafficPolicy) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import Metric
 
 from discovery.catalog import Catalog
+from discovery.consul.store import ConsulCatalog
 from discovery.embedded import EmbeddedCatalog
 from discovery.errors import Conflict, DiscoveryError, InvalidInput, LimitExceeded
 from discovery.health import HealthChecker
@@ -42,7 +43,7 @@ from isthmus import logs
 from isthmus.agentapi import AgentContext, make_agent_app
 from isthmus.api import ApiContext, make_app
 from isthmus.auth import TokenFileError, TokenRegistry, ensure_admin_token, read_token
-from isthmus.catalogs import make_catalog
+from isthmus.catalogs import make_catalog, read_consul_token
 from isthmus.config import Config, ConfigError, exposed_listeners, split_host_port
 from isthmus.console import load_console
 from isthmus.datadir import DataDirBusy, DataDirLock
@@ -561,6 +562,7 @@ class Appliance:
         self.config = new
         try:
             self._load_tokens()
+            self._reload_consul_token(old, new)
             if self.agent_link is not None:  # an agent: its control node holds the catalog
                 await self.agent_link.set_workloads(new.discovery.workloads)
             else:
@@ -578,6 +580,15 @@ class Appliance:
         logs.setup(new.log.level, new.log.format)
         log.info("config reloaded", extra={"changed": changed, "needs_restart": needs_restart})
         return True
+
+    def _reload_consul_token(self, old: Config, new: Config) -> None:
+        """Consul's ACL token is read again from the same file: rotating it is a new file
+        content and a SIGHUP (a new `token_file` path needs a restart, as any other change
+        of `discovery.consul`). An unreadable or public file keeps the running token."""
+        c = new.discovery.consul
+        if (isinstance(self.catalog, ConsulCatalog) and c.token_file
+                and c.token_file == old.discovery.consul.token_file):
+            self.catalog.set_token(read_consul_token(c.token_file))
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (bounded), flush the store."""

@@ -37,7 +37,7 @@ import random
 import secrets
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +171,18 @@ class ConsulCatalog(Catalog):
             "backend": "consul", "address": self.options.address, "node": self.node,
             "datacenter": self.agent_datacenter, "workloads": len(self._view.by_id),
             "state": self._conn.state.value})
+
+    def set_token(self, token: str | None) -> bool:
+        """A rotated ACL token (SIGHUP): every request sent from now on carries it; a blocking
+        query already waiting keeps the old one until it returns (at most `wait`), and one
+        refused then is retried with the new token. Whether the token changed."""
+        if token == self.options.token:
+            return False
+        self.options = replace(self.options, token=token)
+        if self._client is not None:
+            self._client.token = token
+        log.info("consul token replaced", extra={"address": self.options.address})
+        return True
 
     async def close(self) -> None:
         if self._closed:

@@ -16,9 +16,12 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from prometheus_client import REGISTRY
 
 from discovery.names import ServiceKey
+from isthmus import config as configmod
+from isthmus.appliance import Appliance
 from isthmus.render import render_status
 from tests.consul_standin.fixture import standin_host
 from tests.consul_standin.standin import ConsulStandIn, Policy
@@ -51,6 +54,16 @@ class ConsulCluster(Cluster):
             },
         }
         return raw
+
+    async def start(self) -> None:
+        # from a file, as `isthmus run --config` does: SIGHUP (`reload`) reads it again
+        path = self.dir / f"{self.name}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(self.config()))
+        self.app = Appliance(configmod.load(path), str(path))
+        await self.app.start()
+        if self.http is None:
+            self.http = aiohttp.ClientSession()
 
 
 @pytest.fixture
@@ -192,3 +205,27 @@ async def test_consul_backed_cluster_in_a_federation(world: dict[str, Any]) -> N
 
     await eventually(two_reviews, timeout=30, what="the instance added while Consul was away")
     assert await call_via_egress(west, "reviews") == "east"
+
+
+async def test_a_rotated_consul_token_is_used_after_a_reload(world: dict[str, Any]) -> None:
+    """Rotating Consul's ACL token: a new file content and SIGHUP (`reload`), no restart."""
+    consul, east = world["consul"], world["east"]
+    assert east.app is not None
+    consul.acl_tokens["rotated-consul-acl-token"] = Policy(read=True, write=True)
+    east.token_file.write_text("rotated-consul-acl-token\n")
+    del consul.acl_tokens[TOKEN]  # the old token is revoked
+    assert await east.app.reload()
+    code, out = await east.call("PUT", "/v1/workloads/vm-18-web", {
+        "service": "web", "address": "127.0.0.18", "ports": {"http": 8080},
+        "check": {"ttl": "30s"}})
+    assert code == 201, out
+    assert "vm-18-web" in consul.agent_services()
+
+    # a token file others may read is refused: the running token stays, and says why
+    east.token_file.write_text("leaked\n")
+    east.token_file.chmod(0o644)
+    assert not await east.app.reload()
+    east.token_file.chmod(0o600)
+    code, out = await east.call("DELETE", "/v1/workloads/vm-18-web")
+    assert code in (200, 204), out
+    assert "vm-18-web" not in consul.agent_services()

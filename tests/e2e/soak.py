@@ -240,7 +240,10 @@ def plot(rows: list[dict[str, Any]], faults: list[dict[str, Any]], names: Sequen
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--minutes", type=int, required=True, help="length; one fault per minute")
+    p.add_argument(
+        "--soak", "--minutes", dest="minutes", metavar="MINUTES", type=int, required=True,
+        help="length in minutes; one fault per minute",
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("/var/tmp/isthmus-e2e/soak"))
     args = p.parse_args(argv)
