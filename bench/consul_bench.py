@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import consul.aio
 
+from discovery.addresses import split_host_port
 from discovery.consul.client import ConsulOptions
 from discovery.consul.mapping import MappingRules
 from discovery.consul.store import ConsulCatalog
@@ -176,8 +177,8 @@ async def run(a: argparse.Namespace) -> None:
         session = aiohttp.ClientSession()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            host, port = standin.address.removeprefix("http://").rsplit(":", 1)
-            client = consul.aio.Consul(host=host, port=int(port))
+            host, port = split_host_port(standin.address.removeprefix("http://"))
+            client = consul.aio.Consul(host=host, port=port)
         try:
             t0 = time.perf_counter()
             await catalog.open()

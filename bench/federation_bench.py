@@ -26,7 +26,7 @@ from discovery.embedded import EmbeddedCatalog
 from discovery.model import Health, Locality
 from discovery.names import ServiceKey
 from discovery.schema import parse_workload
-from federation.feed import ExportedService, ExportFeed, FrameDecoder, apply_message, encode_frame
+from federation.feed import ExportedService, ExportFeed, MessageDecoder, apply_message, encode_frame
 from federation.routing import TableHolder
 from federation.table import Imports, TableBuilder
 
@@ -52,15 +52,15 @@ async def sans_io(n: int, rows: list[tuple[str, str]]) -> None:
     frame = encode_frame(feed.snapshot())
     t = timed(lambda: encode_frame(feed.snapshot()))
     rows.append(("snapshot frame: size / encode", f"{len(frame) / 1e6:.2f} MB / {t * 1000:.1f} ms"))
-    t = timed(lambda: apply_message(None, FrameDecoder().feed(frame)[0]))
+    t = timed(lambda: apply_message(None, MessageDecoder().feed(frame)[0]))
     rows.append(("snapshot: decode + apply at the subscriber", f"{t * 1000:.1f} ms"))
-    state = apply_message(None, FrameDecoder().feed(frame)[0])
+    state = apply_message(None, MessageDecoder().feed(frame)[0])
     v = feed.version
     changed = dict(services)
     changed["s7.default"] = ExportedService("s7", "default", {"http": 8080}, 1, 3)
     t_set = timed(lambda: feed.set_services(changed), 1)
     delta = encode_frame(feed.since(feed.epoch, v))
-    t = timed(lambda: apply_message(state, FrameDecoder().feed(delta)[0]))
+    t = timed(lambda: apply_message(state, MessageDecoder().feed(delta)[0]))
     rows.append(("one service changes: diff at the publisher",
                  f"{t_set * 1000:.1f} ms"))
     rows.append(("one service changes: delta size / decode + apply",

@@ -8,7 +8,7 @@ Topology on loopback (each its own 127.x addresses), same certificates for both 
 body with keep-alive), same load generator (wrk, same threads and connections):
 
 - direct:   wrk -> nginx
-- isthmus:  wrk -> egress VIP (L7 fast path, gateway/h1proxy.py) -> mTLS, SNI -> ingress (L4,
+- isthmus:  wrk -> egress VIP (L7 engine, gateway/l7/) -> mTLS, SNI -> ingress (L4,
             SNI routing) -> nginx
 - haproxy:  wrk -> egress HAProxy (mode http, server ssl crt+sni; see start_haproxy on verify)
                 -> ingress HAProxy (mode tcp, bind ssl verify required client certs) -> nginx
@@ -46,10 +46,10 @@ from federation.trust.ca import create_cluster_ca, create_root, issue_identity
 from federation.trust.pemfiles import certs_pem, key_pem, write_bundle
 from gateway.egress import EgressConfig
 from gateway.ingress import IngressConfig
-from gateway.pool import PoolConfig
+from gateway.l4.pool import PoolConfig
+from gateway.l4.relay import RelayConfig
 from gateway.probe import ProbeConfig
-from gateway.relay import RelayConfig
-from gateway.sni import service_sni
+from gateway.proto.sni import service_sni
 from gateway.worker import TlsPaths, WorkerPool, WorkerSpec
 
 TD = "mesh.bench"

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import uvloop
 
-from gateway.relay import RelayConfig, relay_sockets
+from gateway.l4.relay import RelayConfig, relay_sockets
 
 FRONT = "127.0.70.1"
 BACK = "127.0.70.2"

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import contextlib
 
+from discovery.addresses import split_host_port
 from federation.trust.bundle import TrustBundle
 from federation.trust.ca import create_cluster_ca, create_root, issue_identity
 from federation.trust.contexts import client_context, server_context
@@ -123,7 +124,7 @@ def openssl_rate(seconds: float, reuse: bool, files: dict[str, Path]) -> tuple[f
             if time.monotonic() > deadline or srv.poll() is not None:
                 raise SystemExit("openssl s_server did not start")
             time.sleep(0.05)
-        port = line.strip().rsplit(":", 1)[1]
+        port = str(split_host_port(line.strip().rpartition(" ")[2])[1])
         client_cmd = [
             "openssl",
             "s_time",

@@ -12,6 +12,8 @@ import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from discovery.addresses import split_host_port
+
 _TLS: ssl.SSLContext | None = None
 MAX_STATUS_LINE = 4096
 
@@ -31,11 +33,6 @@ def _tls() -> ssl.SSLContext:
 
 def _reason(e: OSError) -> str:
     return os.strerror(e.errno) if e.errno else str(e)
-
-
-def split_host_port(target: str) -> tuple[str, int]:
-    host, _, port = target.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 async def probe_tcp(target: str, timeout: float) -> ProbeResult:

@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from discovery.addresses import AddressError, split_host_port
 from discovery.durations import parse_duration
 from discovery.errors import InvalidInput
 from discovery.model import Check, CheckKind, Locality, Workload, format_duration
@@ -82,18 +83,13 @@ def _host(value: str) -> str:
     return value.lower()
 
 
-def _ascii_digits(text: str) -> bool:
-    """`str.isdigit` alone also takes '²' and '٣' (int() then fails, or reads 3)."""
-    return text.isascii() and text.isdigit()
-
-
 def _host_port(value: object) -> str:
     if not isinstance(value, str) or ":" not in value:
         raise ValueError("expected HOST:PORT")
-    host, _, port = value.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not _ascii_digits(port) or not 1 <= int(port) <= 65535:
-        raise ValueError("expected HOST:PORT with a port from 1 to 65535")
+    try:
+        host, port = split_host_port(value, min_port=1)
+    except AddressError:
+        raise ValueError("expected HOST:PORT with a port from 1 to 65535") from None
     host = _host(host)
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 

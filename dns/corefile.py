@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from discovery.addresses import AddressError, split_host_port
 from dns.errors import CorefileError
 from dns.wire import text_to_wire
 
@@ -309,10 +310,6 @@ class _Parser:
             out.append(Directive(tok, tuple(args), block))
 
 
-def _digits(text: str) -> bool:
-    return text.isascii() and text.isdigit()  # isdigit alone takes '²', which int() refuses
-
-
 def parse_zone_key(tok: Token) -> ZoneKey:
     text = tok.text
     if "://" in text:
@@ -322,10 +319,10 @@ def parse_zone_key(tok: Token) -> ZoneKey:
     port: int | None = None
     host = text
     if ":" in text:
-        host, _, port_text = text.rpartition(":")
-        if not _digits(port_text) or not 0 <= int(port_text) <= 65535:
-            raise tok.error(f"port {port_text!r} is not a number from 0 to 65535")
-        port = int(port_text)
+        try:
+            host, port = split_host_port(text)
+        except AddressError as e:
+            raise tok.error(f"bad zone address {tok.text!r}: {e}") from None
     if host in ("", "."):
         return ZoneKey(".", port, tok)
     if "/" in host:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol
 
+from discovery.addresses import AddressError, split_host_port
 from discovery.durations import parse_duration
 from dns.corefile import Directive, ServerBlock, Token
 from dns.wire import FORMERR, NOTIMP, REFUSED, SERVFAIL, Request, error_reply
@@ -176,9 +177,8 @@ def register(name: str, multiple: bool = False) -> Callable[[SetupFunc], SetupFu
 
 
 def build_chain(setup: Setup) -> tuple[Handler | None, list[Plugin]]:
-    """Set up the block's plugins in registry order and fold them into a chain from the end."""
-    import dns.plugins  # noqa: F401  (registers the built-in plugins)
-
+    """Set up the block's plugins in registry order and fold them into a chain from the end.
+    The built-in plugins register when `dns.plugins` is imported (dns/server.py does)."""
     by_name: dict[str, list[Directive]] = {}
     for d in setup.block.directives:
         info = REGISTRY.get(d.name)
@@ -249,16 +249,14 @@ def zone_args(tokens: tuple[Token, ...] | list[Token], default: tuple[str, ...])
 
 def address_arg(tok: Token, default_port: int) -> tuple[str, int]:
     """HOST:PORT, :PORT or [V6]:PORT."""
-    text = tok.text
-    host, sep, port_text = text.rpartition(":")
-    if not sep:
-        host, port_text = text, str(default_port)
-    host = host.strip("[]") or "0.0.0.0"
+    try:
+        host, port = split_host_port(tok.text, default_port=default_port)
+    except AddressError as e:
+        raise tok.error(str(e)) from None
+    host = host or "0.0.0.0"
     try:
         ipaddress.ip_address(host)
     except ValueError:
         if host != "localhost":
             raise tok.error(f"expected an IP address, got {host!r}") from None
-    if not (port_text.isascii() and port_text.isdigit()) or int(port_text) > 65535:
-        raise tok.error(f"expected a port from 0 to 65535, got {port_text!r}")
-    return host, int(port_text)
+    return host, port

@@ -23,6 +23,8 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import dns.plugins  # noqa: F401  (registers the built-in plugins: before any chain is built)
+from discovery.addresses import AddressError, split_host_port
 from dns.corefile import ServerBlock, parse_corefile
 from dns.defaults import RESOLV_CONF, default_corefile
 from dns.errors import CorefileError
@@ -41,12 +43,13 @@ def parse_listen(listen: str) -> list[tuple[str, int]]:
     """`HOST:PORT[,HOST:PORT...]`; IPv6 hosts in brackets; `:PORT` means all IPv4 addresses."""
     out = []
     for part in (p.strip() for p in listen.split(",")):
-        host, sep, port_text = part.rpartition(":")
-        if not sep or not (port_text.isascii() and port_text.isdigit()) or int(port_text) > 65535:
-            raise ValueError(f"listen address {part!r} is not HOST:PORT")
-        host = host.strip("[]") or "0.0.0.0"
+        try:
+            host, port = split_host_port(part)
+        except AddressError:
+            raise ValueError(f"listen address {part!r} is not HOST:PORT") from None
+        host = host or "0.0.0.0"
         ipaddress.ip_address(host)  # raises ValueError naming the bad address
-        out.append((host, int(port_text)))
+        out.append((host, port))
     if not out:
         raise ValueError("no listen address")
     ports = {p for _, p in out}

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from discovery.backoff import Backoff
 from discovery.catalog import Catalog
 from discovery.errors import Conflict, DiscoveryError, NotFound
 from discovery.health import HealthChecker
@@ -471,11 +471,11 @@ class AgentLink:
         return {w: r.error for w, r in self.registrations.items() if r.state == "refused"}
 
     async def _run(self) -> None:
-        delay = 0.2
+        backoff = Backoff(0.2, self.backoff_max)
         while True:
             try:
                 await self._session()
-                delay = 0.2
+                backoff.reset()
             except asyncio.CancelledError:
                 raise
             except (
@@ -496,8 +496,7 @@ class AgentLink:
                 self.since = time.time()
             self.connected = False
             self._ws = None
-            await asyncio.sleep(random.uniform(0.2, delay))
-            delay = min(self.backoff_max, delay * 2)
+            await asyncio.sleep(backoff.next())
 
     async def _session(self) -> None:
         connector = aiohttp.TCPConnector(ssl=self.credentials.client_context())

@@ -38,8 +38,8 @@ def encode_frame(message: Mapping[str, Any]) -> bytes:
     return _LEN.pack(len(body)) + body
 
 
-class FrameDecoder:
-    """Feed bytes in, get whole messages out; a frame over the limit is an error at its
+class MessageDecoder:
+    """Feed bytes in, get whole JSON messages out; a frame over the limit is an error at its
     header, before any of its body is buffered."""
 
     def __init__(self, max_frame: int = MAX_FRAME) -> None:

@@ -21,11 +21,13 @@ from dataclasses import dataclass
 
 from prometheus_client import Counter, Gauge
 
+from discovery.addresses import split_host_port
+from discovery.backoff import Backoff
 from federation.feed import (
     ExportFeed,
     FeedError,
     FeedState,
-    FrameDecoder,
+    MessageDecoder,
     apply_message,
     encode_frame,
 )
@@ -88,7 +90,7 @@ class PeerState:
 
 
 async def _read_messages(
-    reader: asyncio.StreamReader, decoder: FrameDecoder, timeout: float
+    reader: asyncio.StreamReader, decoder: MessageDecoder, timeout: float
 ) -> list[dict]:
     while True:
         async with asyncio.timeout(timeout):
@@ -138,7 +140,7 @@ class FeedServer:
             writer.transport.abort() if writer.transport.is_closing() else writer.close()
 
     async def _serve(self, conn: VerifiedConnection, peer: str) -> None:
-        decoder = FrameDecoder(max_frame=64 * 1024)
+        decoder = MessageDecoder(max_frame=64 * 1024)
         (hello, *_) = await _read_messages(conn.reader, decoder, 10.0)
         if hello.get("type") != "subscribe" or not isinstance(hello.get("version", 0), int):
             raise FeedError("expected a subscribe message first")
@@ -300,7 +302,7 @@ class PeerLink:
         )
 
     async def _run(self) -> None:
-        delay = self.backoff_min
+        backoff = Backoff(self.backoff_min, self.backoff_max, self._rng)
         while True:
             try:
                 await self._session()
@@ -317,19 +319,17 @@ class PeerLink:
             except (OSError, ConnectionError) as e:
                 self._down("connect", str(e) or type(e).__name__)
             else:
-                delay = self.backoff_min
+                backoff.reset()
             if self.state.status is PeerStatus.CONNECTED:
-                delay = self.backoff_min
-            # full jitter: spread reconnects of many clusters after a shared outage
-            await asyncio.sleep(self._rng.uniform(self.backoff_min, delay))
-            delay = min(self.backoff_max, delay * 2)
+                backoff.reset()
+            await asyncio.sleep(backoff.next())
 
     async def _session(self) -> None:
-        host, _, port = self.state.address.rpartition(":")
+        host, port = split_host_port(self.state.address)
         td = self.credentials.trust_domain
         conn = await tls_connect(
-            host.strip("[]"),
-            int(port),
+            host,
+            port,
             self.credentials,
             server_hostname=f"federation.{self.state.cluster}.{td}",
             expected_cluster=self.state.cluster,
@@ -350,7 +350,7 @@ class PeerLink:
                 )
             )
             await conn.writer.drain()
-            decoder = FrameDecoder()
+            decoder = MessageDecoder()
             try:
                 first = await _read_messages(conn.reader, decoder, HEARTBEAT * 3)
             except ConnectionError:

@@ -9,10 +9,10 @@ An L4 connection learns its service from its local address (`table.by_vip`), the
 - A local endpoint: a plain TCP connection and a zero-copy splice relay.
 - A remote cluster: a stream on a multiplexed mutual-TLS tunnel to its ingress
   (`tunnelclient.TunnelClient`, `multiplex: true`, the default), or a TLS connection of its
-  own with the service SNI taken from a warm pool (`pool.TunnelPool`, `multiplex: false`);
+  own with the service SNI taken from a warm pool (`l4.pool.WarmPool`, `multiplex: false`);
   relayed with asyncio Protocols.
 A failed connect is reported to the balancer (outlier detection) and the next attempt avoids
-the targets already tried. An L7 listener is served by `http.HttpProxy`.
+the targets already tried. An L7 listener is served by the HTTP/1.1 engine (`l7.shell`).
 
 Listeners are file descriptors: the egress opens at most `max_listeners` of them (by default a
 quarter of the open-file limit, `budget.listener_budget`); what the table wants beyond that is
@@ -35,24 +35,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from aiohttp import web
-
 from federation.routing import IPAddress, RoutingTable, TableHolder
 from federation.trust.credentials import TlsCredentials
 from gateway.balancer import Balancer, Choice, FailureKind, Target
 from gateway.budget import BUDGET, LISTENERS, SKIPPED, listener_budget
 from gateway.errors import ConnectFailed, RoutingError
-from gateway.h1proxy import FastServer
-from gateway.http import HttpConfig, HttpProxy
+from gateway.l4.pool import PoolConfig, WarmPool
+from gateway.l4.relay import ProtocolRelay, RelayConfig, RelayOutcome, SpliceRelay, splice_supported
+from gateway.l7.config import HttpConfig
+from gateway.l7.shell import H1Server, H1Shell
 from gateway.listen import listening_socket
 from gateway.metrics import GatewayKind, Outcome, ejection_listener, flow, record_rejection
-from gateway.pool import PoolConfig, TunnelPool
 from gateway.probe import GatewayProber, ProbeConfig
-from gateway.relay import ProtocolRelay, RelayConfig, RelayOutcome, SpliceRelay, splice_supported
-from gateway.sni import service_sni
+from gateway.proto.sni import service_sni
 from gateway.tlsclient import ClientContexts
-from gateway.tunnel import MuxConfig
-from gateway.tunnelclient import TunnelClient
+from gateway.tunnel.client import TunnelClient
+from gateway.tunnel.transport import MuxConfig
 from gateway.vips import ListenerSpec, Mode, Resolved, fit_budget, resolve, wanted_listeners
 
 __all__ = ["Egress", "EgressConfig"]
@@ -102,7 +100,7 @@ class _Listener:
     sock: socket.socket
     accept_task: asyncio.Task[None] | None = None
     server: asyncio.AbstractServer | None = None  # L7
-    http: FastServer | web.Server | None = None
+    http: H1Server | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
@@ -121,14 +119,14 @@ class Egress:
         self._source = source_cluster
         self.balancer = balancer or Balancer(on_eject=ejection_listener(self.source_cluster))
         self.contexts = ClientContexts(credentials)
-        self.pool = TunnelPool(config.pool, self.contexts)
+        self.pool = WarmPool(config.pool, self.contexts)
         self.tunnels = TunnelClient(
             config.mux, self.contexts, config.connect_timeout, config.handshake_timeout
         )
         self.prober = GatewayProber(
             config.probe, self.contexts, self.balancer, on_change=self._probe_changed
         )
-        self.http = HttpProxy(
+        self.http = H1Shell(
             config.http,
             tables,
             self.balancer,

@@ -34,6 +34,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from discovery.addresses import join_host_port, split_host_port
 from federation.routing import RoutingTable, ServiceRoute, TableHolder
 from federation.trust.connections import VerifiedConnection
 from federation.trust.credentials import TlsCredentials
@@ -43,7 +44,11 @@ from federation.trust.spiffe import SpiffeId
 from federation.trust.verify import verify_peer
 from gateway.admission import ConnectionSlots, Full, RefusalLog, Slot, SlotLimits
 from gateway.balancer import Balancer, Choice, FailureKind, Target
-from gateway.clienthello import (
+from gateway.errors import RoutingError, SniError
+from gateway.l4.relay import ProtocolRelay, RelayConfig, RelayOutcome
+from gateway.listen import listening_socket
+from gateway.metrics import GatewayKind, Outcome, flow, record_rejection
+from gateway.proto.clienthello import (
     MAX_CLIENT_HELLO,
     MAX_RECORDS,
     NEED_MORE,
@@ -52,12 +57,8 @@ from gateway.clienthello import (
     RejectReason,
     parse_client_hello,
 )
-from gateway.errors import RoutingError, SniError
-from gateway.listen import listening_socket
-from gateway.metrics import GatewayKind, Outcome, flow, record_rejection
-from gateway.relay import ProtocolRelay, RelayConfig, RelayOutcome
-from gateway.sni import FederationSni, ProbeSni, ServiceSni, TunnelSni, parse_sni
-from gateway.tunnel import MuxConfig, MuxConnection, MuxStream
+from gateway.proto.sni import FederationSni, ProbeSni, ServiceSni, TunnelSni, parse_sni
+from gateway.tunnel.transport import MuxConfig, MuxConnection, MuxStream
 
 __all__ = ["FederationHandler", "Ingress", "IngressConfig"]
 
@@ -190,7 +191,7 @@ class Ingress:
                 log.warning("ingress accept failed", extra={"error": repr(exc)})
                 await asyncio.sleep(0.1)
                 continue
-            peer = f"{addr[0]}:{addr[1]}"
+            peer = join_host_port(addr[0], addr[1])
             if len(self._tasks) >= self.config.max_connections:
                 self._refuse(sock, peer, _Refusal("connection_limit", "too many connections"))
                 continue
@@ -499,8 +500,8 @@ class Ingress:
 
 
 def _host(peer: str) -> str:
-    """The address in a peer label ("ip:port", "ip:port stream N")."""
-    return peer.rpartition(":")[0]
+    """The address in a peer label ("ip:port", "[v6]:port", "ip:port stream N")."""
+    return split_host_port(peer.partition(" ")[0])[0]
 
 
 def _route_name(

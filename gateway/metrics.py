@@ -31,11 +31,13 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 if TYPE_CHECKING:
     from gateway.balancer import Choice
@@ -57,9 +59,11 @@ __all__ = [
     "GatewayKind",
     "Outcome",
     "Totals",
+    "add_figures",
     "edges",
     "ejection_listener",
     "flow",
+    "merge_families",
     "record_ejection",
     "record_rejection",
     "series",
@@ -183,16 +187,34 @@ def _series_totals(labels: tuple[str, str, str, str]) -> Totals:
     return totals
 
 
-def edges() -> dict[tuple[str, str, str], tuple[int, int, float, tuple[int, ...]]]:
+Figures = tuple[int, int, float, tuple[int, ...]]  # requests, errors, duration sum, buckets
+K = TypeVar("K", tuple[str, str, str], tuple[str, str, str, str])
+
+
+def edges() -> dict[tuple[str, str, str], Figures]:
     """(gateway, source, destination) -> (requests, errors, duration sum, bucket counts)."""
     flush()  # L7 requests are added up per batch (see `Flow.request`)
     return {k: t.frozen() for k, t in list(_EDGES.items())}
 
 
-def series() -> dict[tuple[str, str, str, str], tuple[int, int, float, tuple[int, ...]]]:
+def series() -> dict[tuple[str, str, str, str], Figures]:
     """(gateway, source, service, destination) -> as `edges()`, per service."""
     flush()
     return {k: t.frozen() for k, t in list(_SERIES.items())}
+
+
+def add_figures(*groups: dict[K, Figures]) -> dict[K, Figures]:
+    """`edges()` or `series()` of several processes (the data-plane workers), as one's."""
+    out: dict[K, Figures] = {}
+    for group in groups:
+        for key, (n, errors, total, buckets) in group.items():
+            had = out.get(key)
+            if had is None:
+                out[key] = (n, errors, total, tuple(buckets))
+            else:
+                out[key] = (had[0] + n, had[1] + errors, had[2] + total,
+                            tuple(a + b for a, b in zip(had[3], buckets, strict=True)))  # fmt: skip
+    return out
 
 
 class _EdgeCollector(Collector):
@@ -378,6 +400,36 @@ class Flow:
             for child, n in zip(durations._buckets, buckets, strict=True):  # would cost the
                 if n:  # same as counting them one by one here
                     child.inc(n)
+
+
+def merge_families(groups: list[list[Metric]]) -> list[Metric]:
+    """Metric families of several processes (the data-plane workers), as one process's.
+
+    Samples with the same name and labels add up: counters, histogram buckets, sums and
+    counts, and gauges (connections open now, listeners, streams: totals over the workers).
+    `_created` timestamps take the earliest. The first process's help text and type win."""
+    merged: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for families in groups:
+        for family in families:
+            if family.name not in merged:
+                merged[family.name] = Metric(family.name, family.documentation, family.type,
+                                             family.unit)  # fmt: skip
+                values[family.name] = {}
+            into = values[family.name]
+            for s in family.samples:
+                key = (s.name, tuple(sorted(s.labels.items())))
+                if key not in into:
+                    into[key] = s.value
+                elif s.name.endswith("_created"):
+                    into[key] = min(into[key], s.value)
+                else:
+                    into[key] += s.value
+    out = []
+    for name, family in merged.items():
+        family.samples = [Sample(n, dict(labels), v) for (n, labels), v in values[name].items()]
+        out.append(family)
+    return out
 
 
 @lru_cache(maxsize=4096)

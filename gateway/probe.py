@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from federation.routing import RoutingTable
 from gateway.balancer import Balancer, Target, TargetKind
 from gateway.errors import ConnectFailed, SniError
-from gateway.pool import dial_tunnel
-from gateway.sni import probe_sni
-from gateway.tlsclient import ClientContexts
+from gateway.proto.sni import probe_sni
+from gateway.tlsclient import ClientContexts, dial_gateway
 
 __all__ = ["GatewayProber", "ProbeConfig", "ProbeState"]
 
@@ -123,7 +122,7 @@ class GatewayProber:
     async def probe_once(self, target: Target) -> bool:
         try:
             sni = probe_sni(target.cluster, self._trust_domain)
-            tunnel = await dial_tunnel(
+            tunnel = await dial_gateway(
                 self.contexts, target.ident, sni, target.cluster,
                 self.config.timeout, self.config.timeout,
             )  # fmt: skip

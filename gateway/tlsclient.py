@@ -1,4 +1,6 @@
-"""Client TLS contexts for the egress: one per remote gateway, with TLS session resumption.
+"""Client TLS for the egress: contexts per remote gateway with TLS session resumption, and
+`dial_gateway`, which makes a verified mutual-TLS "gateway connection" to a remote ingress
+under a given SNI (a service, `tunnel.` for a multiplexed tunnel, `probe.` for a probe).
 
 asyncio (and uvloop) build each connection's `SSLObject` through `SSLContext.wrap_bio`, which
 has no way to pass a saved session. A context's `sslobject_class` hook does: the class below
@@ -12,16 +14,26 @@ node's credentials change (a new identity or bundle); connections already open k
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import ssl
 import time
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+from discovery.addresses import split_host_port
 from federation.trust.contexts import client_context
 from federation.trust.credentials import TlsCredentials
+from federation.trust.errors import TrustError
+from federation.trust.observe import classify, record_failure
+from federation.trust.spiffe import SpiffeId
+from federation.trust.verify import verify_peer
+from gateway.errors import ConnectFailed
+from gateway.metrics import Outcome
 
-__all__ = ["ClientContexts", "SessionCache"]
+__all__ = ["ClientContexts", "GatewayConn", "IdleWatch", "SessionCache", "dial_gateway"]
 
 
 class SessionCache:
@@ -133,3 +145,103 @@ class ClientContexts:
         """Forget contexts of gateways no longer in the routing table."""
         for g in [g for g in self._contexts if g not in gateways]:
             del self._contexts[g]
+
+
+class IdleWatch(asyncio.Protocol):
+    """Protocol of a gateway connection until its user sets its own (e.g. while it waits in a
+    warm pool): bytes that come unasked or the connection's end make it useless."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.lost = False
+        self.on_lost: collections.abc.Callable[[IdleWatch], None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        # Nothing was asked yet: the stream is no longer at its start, so it is useless.
+        if self.transport is not None:
+            self.transport.abort()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self.on_lost is not None:
+            self.on_lost(self)
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConn:
+    """An established, verified mutual-TLS connection to a remote ingress (a "gateway
+    connection"); its protocol watches it until a user sets its own."""
+
+    transport: asyncio.Transport
+    protocol: IdleWatch
+    peer: SpiffeId
+    gateway: str
+    sni: str
+    born: float
+    generation: int
+    resumed: bool
+
+    @property
+    def alive(self) -> bool:
+        return not self.protocol.lost and not self.transport.is_closing()
+
+
+async def dial_gateway(
+    contexts: ClientContexts,
+    gateway: str,
+    sni: str,
+    cluster: str,
+    connect_timeout: float,
+    handshake_timeout: float,
+) -> GatewayConn:
+    """Connect to `gateway` with `sni`, handshake and verify that it is `cluster`'s gateway.
+
+    Raises ConnectFailed with the outcome to count (failures are logged by the caller, TLS
+    refusals are also counted and logged by the trust library)."""
+    loop = asyncio.get_running_loop()
+    host, port = split_host_port(gateway)
+    generation = contexts.credentials.generation
+    ctx = contexts.for_gateway(gateway)
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(connect_timeout + handshake_timeout):
+            transport, protocol = await loop.create_connection(
+                IdleWatch, host, port, ssl=ctx, server_hostname=sni,
+                ssl_handshake_timeout=handshake_timeout,
+            )  # fmt: skip
+    except TimeoutError as exc:
+        connected = time.monotonic() - started > connect_timeout
+        outcome = Outcome.HANDSHAKE_TIMEOUT if connected else Outcome.CONNECT_TIMEOUT
+        raise ConnectFailed(f"{gateway}: timed out", outcome) from exc
+    except ssl.SSLError as exc:
+        record_failure(classify(exc), side="client", peer=gateway)
+        msg = f"{gateway}: TLS handshake failed: {exc}"
+        raise ConnectFailed(msg, Outcome.HANDSHAKE_ERROR) from exc
+    except (OSError, EOFError) as exc:
+        raise ConnectFailed(f"{gateway}: {exc!r}", Outcome.CONNECT_ERROR) from exc
+    ssl_object = transport.get_extra_info("ssl_object")
+    creds = contexts.credentials
+    try:
+        if ssl_object is None:
+            raise classify(ssl.SSLError("no TLS session after the handshake"))
+        peer = verify_peer(ssl_object, creds.bundle, creds.trust_domain, expected_cluster=cluster)
+    except TrustError as err:
+        record_failure(err, side="client", peer=gateway)
+        transport.abort()
+        raise ConnectFailed(f"{gateway}: {err}", Outcome.HANDSHAKE_ERROR) from err
+    return GatewayConn(
+        transport,  # type: ignore[arg-type]
+        protocol,
+        peer,
+        gateway,
+        sni,
+        time.monotonic(),
+        generation,
+        bool(ssl_object.session_reused),
+    )

@@ -8,12 +8,14 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import REGISTRY, generate_latest
+from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
 
 from discovery.catalog import Catalog
 from discovery.consul.store import ConsulCatalog
@@ -30,10 +32,11 @@ from federation.routing import TableHolder
 from federation.service import Federation
 from federation.trust import BootstrapTokens, IdentityIssuer, TrustError, issuance_app
 from federation.trust.spiffe import Kind
+from gateway import metrics as gwmetrics
 from gateway.budget import ListenerAdmission, listener_budget, open_file_limit, raise_nofile_limit
 from gateway.egress import Egress, EgressConfig
 from gateway.ingress import Ingress
-from gateway.tunnel import MuxConfig
+from gateway.tunnel.transport import MuxConfig
 from gateway.worker import TlsPaths, WorkerPool, WorkerSpec
 from isthmus import config as configmod
 from isthmus import logs
@@ -60,11 +63,10 @@ from isthmus.listeners import (
     metrics_limits,
     serve_app,
 )
-from isthmus.metrics import CATALOGS
+from isthmus.metrics import CATALOGS, WithWorkers
 from isthmus.traffic import TrafficHistory
 
 log = logging.getLogger(__name__)
-
 
 
 class StartupError(Exception):
@@ -86,6 +88,8 @@ class Appliance:
         self.ingress: Ingress | None = None
         self.egress: Egress | None = None
         self.egress_workers: WorkerPool | None = None
+        self._worker_edges: dict[tuple[str, str, str], gwmetrics.Figures] = {}
+        self._worker_series: dict[tuple[str, str, str, str], gwmetrics.Figures] = {}
         self.agent_link: AgentLink | None = None
         self.agent_hub: AgentHub | None = None
         self.bootstrap_tokens: BootstrapTokens | None = None
@@ -176,7 +180,10 @@ class Appliance:
             watch_federation(self.events, self.federation),
             watch_handshakes(self.events),
         ]
-        self.history = TrafficHistory(cfg.cluster)
+        self.history = TrafficHistory(
+            cfg.cluster, read_edges=self._edges, read_series=self._series,
+            refresh=self._refresh_worker_figures,
+        )  # fmt: skip
         self.history.start(also=self.events.flush)
 
         ctx = ApiContext(
@@ -200,7 +207,9 @@ class Appliance:
             make_app(ctx, cfg.api.max_body), cfg.api.listen, limits=api_limits(cfg.api)
         )
         if cfg.metrics.enabled:
-            self.metrics_address = await self._serve(metrics_app(), cfg.metrics.listen)
+            self.metrics_address = await self._serve(
+                metrics_app(self._worker_metrics), cfg.metrics.listen
+            )
         if self.trust is not None and self.trust.authority is not None:
             issuer = IdentityIssuer(
                 self.trust.authority,
@@ -311,7 +320,9 @@ class Appliance:
         await self._start_egress()
         await self._start_dns()
         if cfg.metrics.enabled:
-            self.metrics_address = await self._serve(metrics_app(), cfg.metrics.listen)
+            self.metrics_address = await self._serve(
+                metrics_app(self._worker_metrics), cfg.metrics.listen
+            )
         self._tasks.append(asyncio.create_task(self.trust.manager.run(), name="identity"))
         self._warn_exposed()
         log.info(
@@ -385,6 +396,23 @@ class Appliance:
         await self.egress_workers.start(self.holder.current)
         self.holder.subscribe(self.egress_workers.publish)
         self._tasks.append(asyncio.create_task(self._follow_renewals(), name="worker-creds"))
+
+    async def _worker_metrics(self) -> list[Metric]:
+        pool = self.egress_workers
+        return await pool.scrape() if pool is not None else []
+
+    # The console's traffic figures: this process's totals plus the data-plane workers' (their
+    # last answer, gathered before each tick of the traffic history).
+    async def _refresh_worker_figures(self) -> None:
+        pool = self.egress_workers
+        if pool is not None:
+            self._worker_edges, self._worker_series = await pool.figures()
+
+    def _edges(self) -> dict[tuple[str, str, str], gwmetrics.Figures]:
+        return gwmetrics.add_figures(gwmetrics.edges(), self._worker_edges)
+
+    def _series(self) -> dict[tuple[str, str, str, str], gwmetrics.Figures]:
+        return gwmetrics.add_figures(gwmetrics.series(), self._worker_series)
 
     async def _follow_renewals(self) -> None:
         assert self.trust is not None and self.egress_workers is not None
@@ -609,15 +637,23 @@ class Appliance:
             log.info("appliance stopped")
 
 
-async def _metrics(_: web.Request) -> web.Response:
-    return web.Response(
-        body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
-    )
+WorkerMetrics = Callable[[], Awaitable[list[Metric]]]
 
 
-def metrics_app() -> web.Application:
+async def _no_workers() -> list[Metric]:
+    return []
+
+
+def metrics_app(workers: WorkerMetrics = _no_workers) -> web.Application:
+    """`/metrics`: this process's registry, with the data-plane workers' metrics added in
+    (`workers: N`; each worker counts in its own process)."""
+
+    async def handle(_: web.Request) -> web.Response:
+        body = generate_latest(WithWorkers(await workers()))
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
     app = web.Application()
-    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/metrics", handle)
     return app
 
 

@@ -13,7 +13,7 @@ from discovery.embedded import EmbeddedCatalog
 from discovery.errors import StoreError
 from discovery.limits import WriteLimits
 from discovery.model import Health
-from isthmus.config import Config, ConsulConfig
+from isthmus.config import Config, ConsulSection
 
 
 def make_catalog(cfg: Config) -> Catalog:
@@ -29,7 +29,7 @@ def make_catalog(cfg: Config) -> Catalog:
     )
 
 
-def consul_options(c: ConsulConfig, cluster: str) -> ConsulOptions:
+def consul_options(c: ConsulSection, cluster: str) -> ConsulOptions:
     return ConsulOptions(
         address=c.address,
         token=read_consul_token(c.token_file) if c.token_file else None,

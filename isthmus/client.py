@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from discovery.addresses import join_host_port, split_host_port
 from isthmus.config import state_dir
 
 DEFAULT_API = "http://127.0.0.1:15000"
@@ -65,13 +66,12 @@ def resolve_token(token_file: str | None) -> str:
 
 def api_from_listen(listen: str) -> str:
     """The URL a client on this host uses for an `api.listen` address."""
-    host, _, port = listen.rpartition(":")
-    host = host.strip("[]")
+    host, port = split_host_port(listen)
     if host in ("0.0.0.0", ""):
         host = "127.0.0.1"
     elif host == "::":
         host = "::1"
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return f"http://{join_host_port(host, port)}"
 
 
 def _config(path: str, source: str) -> tuple[str, str]:

@@ -30,6 +30,7 @@ from pydantic import (
     model_validator,
 )
 
+from discovery.addresses import AddressError, split_host_port
 from discovery.durations import format_limit, parse_duration
 from discovery.health import DEFAULT_MAX_PROBES_PER_SECOND
 from discovery.limits import DEFAULT_MIN_CHECK_INTERVAL
@@ -68,10 +69,10 @@ def _listen(value: object) -> str:
     """`HOST:PORT` to listen on: an IP address (or `localhost`) and a port 0-65535."""
     if not isinstance(value, str) or ":" not in value:
         raise ValueError("expected IP:PORT, e.g. 127.0.0.1:15000 or [::1]:15000")
-    host, _, port = value.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not (port.isascii() and port.isdigit()) or int(port) > 65535:
-        raise ValueError("expected IP:PORT with a port from 0 to 65535")
+    try:
+        host, _ = split_host_port(value)
+    except AddressError:
+        raise ValueError("expected IP:PORT with a port from 0 to 65535") from None
     if host != "localhost":
         try:
             ipaddress.ip_address(host)
@@ -84,10 +85,10 @@ def _endpoint(value: object) -> str:
     """`HOST:PORT` to connect to: an IP address or DNS name and a port 1-65535."""
     if not isinstance(value, str) or ":" not in value:
         raise ValueError("expected HOST:PORT")
-    host, _, port = value.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
-        raise ValueError("expected HOST:PORT with a port from 1 to 65535")
+    try:
+        host, _ = split_host_port(value, min_port=1)
+    except AddressError:
+        raise ValueError("expected HOST:PORT with a port from 1 to 65535") from None
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -120,7 +121,7 @@ def _duration_between(minimum: float, maximum: float) -> BeforeValidator:
 
 def _loopback_listen(value: str) -> str:
     """The aiomonitor console has no authentication and can cancel any task: loopback only."""
-    host = value.rpartition(":")[0].strip("[]")
+    host = split_host_port(value)[0]
     if host != "localhost" and not ipaddress.ip_address(host).is_loopback:
         raise ValueError(
             "expected a loopback address (127.0.0.1, [::1] or localhost): the monitor console "
@@ -164,15 +165,19 @@ PathStr = Annotated[StrictStr, Field(min_length=1)]
 
 
 class _Section(BaseModel):
+    """One section of the YAML file (`ingress:`, `egress:` ...): named `*Section`, so that it is
+    never confused with the data plane's `*Config` dataclasses (`gateway.ingress.IngressConfig`
+    ...), which the appliance builds from the sections."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class LocalityConfig(_Section):
+class LocalitySection(_Section):
     region: StrictStr = ""
     zone: StrictStr = ""
 
 
-class TrustConfig(_Section):
+class TrustSection(_Section):
     bundle: PathStr = "/etc/isthmus/pki/bundle.pem"
     ca_cert: PathStr = "/etc/isthmus/pki/cluster-ca.pem"
     ca_key: PathStr = "/etc/isthmus/pki/cluster-ca.key"
@@ -200,7 +205,7 @@ class _HttpListener(_Section):
     max_connections_per_source: Count = 64  # an IPv4 address or an IPv6 /64
 
 
-class ApiConfig(_HttpListener):
+class ApiSection(_HttpListener):
     listen: Listen = "127.0.0.1:15000"
     token_file: PathStr = "/etc/isthmus/api-token"
     tokens: list[ApiToken] = []  # extra, narrower tokens (the token_file one is admin)
@@ -210,7 +215,7 @@ class ApiConfig(_HttpListener):
     events: Annotated[StrictInt, Field(ge=10, le=100_000)] = 1000
 
 
-class ControlConfig(_HttpListener):
+class ControlSection(_HttpListener):
     listen: Listen = "0.0.0.0:15012"
     # After a restart of the control node, agents get this long to reconnect before their
     # workloads are held critical.
@@ -224,17 +229,17 @@ class ControlConfig(_HttpListener):
     max_connections_per_source: Count = 32
 
 
-class AgentConfig(_Section):
+class AgentSection(_Section):
     control: HostPort | None = None
     bootstrap_token_file: PathStr = "/etc/isthmus/bootstrap-token"
 
 
-class MetricsConfig(_Section):
+class MetricsSection(_Section):
     listen: Listen = "0.0.0.0:15090"
     enabled: StrictBool = True
 
 
-class IngressConfig(_Section):
+class IngressSection(_Section):
     listen: Listen = "0.0.0.0:15443"
     public_address: HostPort | None = None
     # Connections before their relay ("pending": ClientHello, handshake, endpoint connect) are
@@ -248,7 +253,7 @@ class IngressConfig(_Section):
     peer_sources: list[Network] = []  # peers' source addresses, beyond federation.peers
 
     @model_validator(mode="after")
-    def _deadlines(self) -> IngressConfig:
+    def _deadlines(self) -> IngressSection:
         if self.client_hello_timeout >= self.handshake_timeout:
             raise ValueError(
                 f"client_hello_timeout ({self.client_hello_timeout:g}s) must be shorter than "
@@ -257,7 +262,7 @@ class IngressConfig(_Section):
         return self
 
 
-class EgressConfig(_Section):
+class EgressSection(_Section):
     vip_cidr: Cidr = "127.240.0.0/16"
     # Remote clusters through multiplexed tunnels (streams on a few mutual-TLS connections per
     # remote ingress); false gives every client connection a TLS connection of its own.
@@ -287,7 +292,7 @@ def _corefile(value: object) -> object:
         ) from None
 
 
-class DnsConfig(_Section):
+class DnsSection(_Section):
     listen: Listen = "0.0.0.0:53"
     # The Corefile's text, or the path of a file holding it.
     corefile: Annotated[StrictStr, BeforeValidator(_corefile)] | None = None
@@ -329,28 +334,28 @@ ConsulAddress = Annotated[StrictStr, BeforeValidator(_consul_address)]
 MetaKey = Annotated[StrictStr, AfterValidator(_meta_key)]
 
 
-class ConsulTlsConfig(_Section):
+class ConsulTlsSection(_Section):
     ca_file: PathStr | None = None  # null: the system's CAs
     cert_file: PathStr | None = None  # a client certificate, for Consul's verify_incoming
     key_file: PathStr | None = None
 
     @model_validator(mode="after")
-    def _pair(self) -> ConsulTlsConfig:
+    def _pair(self) -> ConsulTlsSection:
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("cert_file and key_file go together: set both or neither")
         return self
 
 
-class ConsulLocalityConfig(_Section):
+class ConsulLocalitySection(_Section):
     region: MetaKey = "region"  # node meta keys holding a workload's locality
     zone: MetaKey = "zone"
 
 
-class ConsulConfig(_Section):
+class ConsulSection(_Section):
     address: ConsulAddress = "http://127.0.0.1:8500"
     token_file: PathStr | None = None
     datacenter: Annotated[StrictStr, AfterValidator(_datacenter)] | None = None
-    tls: ConsulTlsConfig = ConsulTlsConfig()
+    tls: ConsulTlsSection = ConsulTlsSection()
     stale_reads: StrictBool = False
     warning_is: Literal["passing", "critical"] = "passing"
     namespace_meta_key: MetaKey = "isthmus-namespace"
@@ -360,7 +365,7 @@ class ConsulConfig(_Section):
     port_name_meta_key: MetaKey = "isthmus-port"
     port_meta_prefix: MetaKey = "isthmus-port-"
     default_port_name: Label = "tcp"
-    locality_node_meta: ConsulLocalityConfig = ConsulLocalityConfig()
+    locality_node_meta: ConsulLocalitySection = ConsulLocalitySection()
     kv_prefix: Annotated[StrictStr, Field(min_length=1, max_length=256)] | None = None
     ignore_services: list[Annotated[StrictStr, Field(min_length=1)]] = ["consul"]
     wait: Annotated[float, _duration_between(1.0, 600.0)] = 300.0
@@ -372,7 +377,7 @@ class ConsulConfig(_Section):
     startup_timeout: Annotated[float, _duration_between(0.0, 3600.0)] = 10.0
 
     @model_validator(mode="after")
-    def _meta_keys(self) -> ConsulConfig:
+    def _meta_keys(self) -> ConsulSection:
         if self.port_name_meta_key.startswith(self.port_meta_prefix):
             raise ValueError(
                 f"port_name_meta_key {self.port_name_meta_key!r} starts with port_meta_prefix "
@@ -381,9 +386,9 @@ class ConsulConfig(_Section):
         return self
 
 
-class DiscoveryConfig(_Section):
+class DiscoverySection(_Section):
     backend: Literal["embedded", "consul"] = "embedded"
-    consul: ConsulConfig = ConsulConfig()
+    consul: ConsulSection = ConsulSection()
     workloads: list[StaticWorkload] = []
     max_concurrent_checks: Annotated[StrictInt, Field(ge=1, le=100000)] = 1024
     # No check runs more often than this; registrations asking for more are refused (422).
@@ -394,7 +399,7 @@ class DiscoveryConfig(_Section):
     )
 
     @model_validator(mode="after")
-    def _unique_ids(self) -> DiscoveryConfig:
+    def _unique_ids(self) -> DiscoverySection:
         seen: set[str] = set()
         for w in self.workloads:
             if w.id in seen:
@@ -403,24 +408,24 @@ class DiscoveryConfig(_Section):
         return self
 
 
-class PeerConfig(_Section):
+class PeerSection(_Section):
     cluster: Label
     address: HostPort
 
 
-class FederationConfig(_Section):
-    peers: list[PeerConfig] = []
+class FederationSection(_Section):
+    peers: list[PeerSection] = []
     export: list[ExportGlob] = ["*.default"]
     # A peer whose link has been down this long shows as `unreachable` instead of `stale`.
     peer_unreachable_after: Annotated[float, _duration_between(1.0, 7 * 86400.0)] = 300.0
 
 
-class MonitorConfig(_Section):
+class MonitorSection(_Section):
     enabled: StrictBool = False
     listen: LoopbackListen = "127.0.0.1:20101"
 
 
-class LogConfig(_Section):
+class LogSection(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "json"
 
@@ -429,23 +434,23 @@ class Config(_Section):
     cluster: Label
     trust_domain: DnsName
     node: Label = Field(default_factory=lambda: _default_node())
-    locality: LocalityConfig = LocalityConfig()
+    locality: LocalitySection = LocalitySection()
     roles: list[Literal["control", "ingress", "egress", "dns", "agent"]] = Field(
         default=["control"], min_length=1
     )
     data_dir: PathStr = "/var/lib/isthmus"
-    trust: TrustConfig = TrustConfig()
-    api: ApiConfig = ApiConfig()
-    control: ControlConfig = ControlConfig()
-    agent: AgentConfig = AgentConfig()
-    metrics: MetricsConfig = MetricsConfig()
-    ingress: IngressConfig = IngressConfig()
-    egress: EgressConfig = EgressConfig()
-    dns: DnsConfig = DnsConfig()
-    discovery: DiscoveryConfig = DiscoveryConfig()
-    federation: FederationConfig = FederationConfig()
-    monitor: MonitorConfig = MonitorConfig()
-    log: LogConfig = LogConfig()
+    trust: TrustSection = TrustSection()
+    api: ApiSection = ApiSection()
+    control: ControlSection = ControlSection()
+    agent: AgentSection = AgentSection()
+    metrics: MetricsSection = MetricsSection()
+    ingress: IngressSection = IngressSection()
+    egress: EgressSection = EgressSection()
+    dns: DnsSection = DnsSection()
+    discovery: DiscoverySection = DiscoverySection()
+    federation: FederationSection = FederationSection()
+    monitor: MonitorSection = MonitorSection()
+    log: LogSection = LogSection()
     workers: Annotated[StrictInt, Field(ge=1, le=256)] = 1
     drain_timeout: DrainTimeout = 10.0
 
@@ -528,7 +533,7 @@ def validate(raw: object, source: str = "config") -> Config:
     return cfg
 
 
-def _below_check_floor(d: DiscoveryConfig) -> list[str]:
+def _below_check_floor(d: DiscoverySection) -> list[str]:
     """Static workloads meet `discovery.min_check_interval` like API registrations do."""
     floor = d.min_check_interval
     problems = []
@@ -647,6 +652,3 @@ def local_default(data_dir: str | None = None) -> Config:
     )
 
 
-def split_host_port(value: str) -> tuple[str, int]:
-    host, _, port = value.rpartition(":")
-    return host.strip("[]"), int(port)

@@ -37,7 +37,7 @@ from aiohttp import web
 from gateway.admission import ConnectionSlots, Full, RefusalLog, Slot, SlotLimits
 from gateway.ingress import IngressConfig
 from gateway.listen import listening_socket
-from isthmus.config import ApiConfig, Config, ControlConfig, split_host_port
+from isthmus.config import ApiSection, Config, ControlSection, split_host_port
 from isthmus.metrics import LISTENER_CONNECTIONS, LISTENER_REJECTIONS
 
 __all__ = [
@@ -70,11 +70,11 @@ class HttpLimits:
     fd_share: float = 1 / 8
 
 
-def api_limits(section: ApiConfig) -> HttpLimits:
+def api_limits(section: ApiSection) -> HttpLimits:
     return _limits("api", section)
 
 
-def control_limits(section: ControlConfig) -> HttpLimits:
+def control_limits(section: ControlSection) -> HttpLimits:
     return _limits("control", section, handshake_timeout=section.handshake_timeout)
 
 
@@ -84,7 +84,7 @@ def metrics_limits() -> HttpLimits:
                       fd_share=FD_SHARES["metrics"])  # fmt: skip
 
 
-def _limits(name: str, section: ApiConfig | ControlConfig, **more: float) -> HttpLimits:
+def _limits(name: str, section: ApiSection | ControlSection, **more: float) -> HttpLimits:
     return HttpLimits(
         name,
         header_timeout=section.header_timeout,

@@ -7,9 +7,11 @@ from collections.abc import Iterator
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from discovery.catalog import Catalog
+from gateway.metrics import merge_families
 
 API_REQUESTS = Counter(
     "isthmus_api_requests_total", "Control API requests", ["method", "route", "status"]
@@ -64,3 +66,22 @@ class CatalogCollector(Collector):
 
 CATALOGS = CatalogCollector()
 REGISTRY.register(CATALOGS)
+
+
+class WithWorkers:
+    """The default registry with the data-plane workers' `isthmus_*` families added in, for
+    one exposition (`generate_latest` only calls `collect`)."""
+
+    def __init__(self, workers: list[Metric]) -> None:
+        self.workers = workers
+
+    def collect(self) -> Iterator[Metric]:
+        own = list(REGISTRY.collect())
+        if not self.workers:
+            yield from own
+            return
+        mine = [m for m in own if m.name.startswith("isthmus_")]
+        merged = {m.name: m for m in merge_families([mine, self.workers])}
+        for m in own:
+            yield merged.pop(m.name, m)
+        yield from merged.values()

@@ -21,7 +21,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,12 +83,14 @@ class TrafficHistory:
         read_edges: Callable[[], dict[EdgeKey, Figures]] = metrics.edges,
         read_series: Callable[[], dict[SeriesKey, Figures]] = metrics.series,
         clock: Callable[[], float] = time.time,
+        refresh: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.cluster = cluster
         self.tick = tick
         self.span = span
         self._read_edges, self._read_series = read_edges, read_series
         self._clock = clock
+        self._refresh = refresh  # awaited before each tick's sample (gathers the workers')
         self._ticks: deque[Tick] = deque(maxlen=max(1, round(span / tick)))
         self._last_edges: dict[EdgeKey, Figures] = {}
         self._last_series: dict[SeriesKey, Figures] = {}
@@ -219,6 +221,8 @@ class TrafficHistory:
         while True:
             await asyncio.sleep(self.tick)
             try:
+                if self._refresh is not None:
+                    await self._refresh()
                 self.sample()
                 if also is not None:
                     also()

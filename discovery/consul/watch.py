@@ -21,6 +21,8 @@ import enum
 import random
 from dataclasses import dataclass, field
 
+from discovery.backoff import Backoff
+
 BURST = 2
 
 
@@ -41,6 +43,7 @@ class BlockingQuery:
     answered_once: bool = False
     _tokens: float = float(BURST)
     _stamp: float | None = None
+    _backoff: Backoff | None = None
 
     def delay(self, now: float) -> float:
         """Seconds to hold the next request back (0: send it now). Either way the request's
@@ -58,6 +61,8 @@ class BlockingQuery:
     def answered(self, index: int) -> Answer:
         previous = self.index
         self.failures = 0
+        if self._backoff is not None:
+            self._backoff.reset()
         first = not self.answered_once
         self.answered_once = True
         if previous > 0 and index < previous:
@@ -67,10 +72,13 @@ class BlockingQuery:
         return Answer(changed=first or index != previous, reset=False)
 
     def failed(self, rng: random.Random) -> float:
-        """Seconds to wait before retrying: exponential, capped, jittered over [d/2, d]."""
+        """Seconds to wait before retrying: exponential from `retry_base`, capped at
+        `retry_max`, jittered over [d/2, d] (never below `retry_base`)."""
+        if self._backoff is None:
+            self._backoff = Backoff(min(self.retry_base, self.retry_max), self.retry_max,
+                                    jitter=0.5)  # fmt: skip
         self.failures += 1
-        ceiling = min(self.retry_max, self.retry_base * 2 ** min(self.failures - 1, 30))
-        return rng.uniform(ceiling / 2, ceiling)
+        return self._backoff.next(rng)
 
 
 class State(enum.StrEnum):

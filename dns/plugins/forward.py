@@ -28,6 +28,7 @@ import logging
 import random
 from pathlib import Path
 
+from discovery.addresses import AddressError, split_host_port
 from dns.corefile import Directive, Token
 from dns.defaults import resolv_conf_nameservers
 from dns.errors import UpstreamError
@@ -186,20 +187,13 @@ def parse_upstream(tok: Token, base_dir: str | None) -> list[tuple[str, int]]:
         text = text[len("dns://") :]
     elif "://" in text:
         raise tok.error(f"forward: unsupported upstream scheme in {tok.text!r} (use dns://)")
-    host, port = text, 53
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        if rest:
-            if not rest.startswith(":") or not (rest[1:].isascii() and rest[1:].isdigit()):
-                raise tok.error(f"forward: bad upstream {tok.text!r}")
-            port = int(rest[1:])
-    elif text.count(":") == 1:
-        host, _, port_text = text.partition(":")
-        if not (port_text.isascii() and port_text.isdigit()):
-            raise tok.error(f"forward: bad port in {tok.text!r}")
-        port = int(port_text)
-    if not 0 < port <= 65535:
-        raise tok.error(f"forward: port {port} out of range")
+    if text.count(":") > 1 and not text.startswith("["):
+        host, port = text, 53  # a bare IPv6 address
+    else:
+        try:
+            host, port = split_host_port(text, default_port=53, min_port=1)
+        except AddressError as e:
+            raise tok.error(f"forward: bad upstream {tok.text!r}: {e}") from None
     try:
         ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:

@@ -28,6 +28,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from prometheus_client import Counter
 
+from discovery.addresses import AddressError, split_host_port
 from discovery.names import LABEL_EXPECTED, is_label
 from federation.trust.bundle import TrustBundle
 from federation.trust.ca import (
@@ -368,10 +369,10 @@ async def request_identity(
 
 
 def _split_addr(addr: str) -> tuple[str, int]:
-    host, sep, port = addr.rpartition(":")
-    if not sep or not (port.isascii() and port.isdigit()):  # isdigit alone takes '²'
-        raise ValueError(f"control address {addr!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)
+    try:
+        return split_host_port(addr)
+    except AddressError:
+        raise ValueError(f"control address {addr!r} is not HOST:PORT") from None
 
 
 async def _post(

@@ -19,6 +19,7 @@ from typing import Protocol
 
 from prometheus_client import Counter, Gauge
 
+from discovery.backoff import Backoff
 from federation.trust.bundle import TrustBundle
 from federation.trust.ca import (
     IDENTITY_LIFETIME,
@@ -170,7 +171,9 @@ class IdentityManager:
     async def run(self, *, bundle_poll: float = 30.0) -> None:
         """Renew at every half-life until cancelled; retry failures with backoff (never past
         expiry without trying), and pick up bundle file changes every `bundle_poll` seconds."""
-        retry = RETRY_MIN
+        # Doubling without jitter (one node renews against its own control node); each wait is
+        # also capped at a quarter of the time left, so expiry never comes between two tries.
+        backoff = Backoff(RETRY_MIN, RETRY_MAX, jitter=0.0)
         while True:
             delay = renewal_delay(self.credentials.identity, self._clock())
             if delay > 0:
@@ -184,9 +187,10 @@ class IdentityManager:
                 continue
             try:
                 await self.renew_now()
-                retry = RETRY_MIN
+                backoff.reset()
             except (TrustError, OSError) as exc:
                 left = (self.credentials.identity.not_after - self._clock()).total_seconds()
+                retry = min(backoff.next(), max(RETRY_MIN, left / 4))
                 log.warning(
                     "identity renewal failed error=%s retry_in=%.1fs expires_in=%.0fs",
                     exc,
@@ -195,4 +199,3 @@ class IdentityManager:
                     extra={"error": str(exc), "retry_in": retry, "expires_in": left},
                 )
                 await asyncio.sleep(retry)
-                retry = min(retry * 2, RETRY_MAX, max(RETRY_MIN, left / 4))

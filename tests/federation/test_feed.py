@@ -16,7 +16,7 @@ from federation.feed import (
     ExportedService,
     ExportFeed,
     FeedError,
-    FrameDecoder,
+    MessageDecoder,
     apply_message,
     encode_frame,
 )
@@ -31,25 +31,25 @@ def svc(name: str, healthy: int = 1, total: int = 1) -> ExportedService:
 def test_frames_roundtrip_in_any_split() -> None:
     data = encode_frame({"type": "a", "n": 1}) + encode_frame({"type": "b"})
     for cut in range(len(data) + 1):
-        d = FrameDecoder()
+        d = MessageDecoder()
         got = d.feed(data[:cut]) + d.feed(data[cut:])
         assert [m["type"] for m in got] == ["a", "b"]
 
 
 def test_oversized_and_malformed_frames() -> None:
     with pytest.raises(FeedError, match="exceeds"):
-        FrameDecoder(max_frame=100).feed(struct.pack(">I", 101))
+        MessageDecoder(max_frame=100).feed(struct.pack(">I", 101))
     with pytest.raises(FeedError, match="not JSON"):
-        FrameDecoder().feed(struct.pack(">I", 3) + b"{{{")
+        MessageDecoder().feed(struct.pack(">I", 3) + b"{{{")
     with pytest.raises(FeedError, match="type"):
-        FrameDecoder().feed(struct.pack(">I", 2) + b"[]")
+        MessageDecoder().feed(struct.pack(">I", 2) + b"[]")
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=200))
 def test_property_decoder_never_raises_anything_else(data: bytes) -> None:
     with contextlib.suppress(FeedError):
-        FrameDecoder(max_frame=1000).feed(data)
+        MessageDecoder(max_frame=1000).feed(data)
 
 
 def test_snapshot_then_deltas() -> None:

@@ -27,7 +27,7 @@ from federation.trust.credentials import TlsCredentials
 from gateway.balancer import Balancer, OutlierPolicy
 from gateway.egress import Egress, EgressConfig
 from gateway.ingress import Ingress, IngressConfig
-from gateway.relay import RelayConfig
+from gateway.l4.relay import RelayConfig
 
 TD = "mesh.test"
 SERVICE = ServiceKey("reviews")
@@ -87,7 +87,7 @@ class Backend:
     delay: float = 0.0  # seconds each HTTP answer waits (for drain tests)
 
     async def start(self) -> None:
-        app = web.Application()
+        app = web.Application(client_max_size=64 << 20)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self.runner.setup()
@@ -105,10 +105,16 @@ class Backend:
             await self.runner.cleanup()
             self.runner = None
 
-    async def _handle(self, request: web.Request) -> web.Response:
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
         if self.delay:
             await asyncio.sleep(self.delay)
+        if request.path == "/ws":  # a websocket echo (the egress relays it after the 101)
+            ws = web.WebSocketResponse()
+            await ws.prepare(request)
+            async for message in ws:
+                await ws.send_str(f"{self.cluster}:{message.data}")
+            return ws
         body = await request.read()
         if request.path == "/status/500":
             return web.Response(status=500, text="boom")

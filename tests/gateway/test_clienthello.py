@@ -11,7 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.clienthello import (
+from gateway.errors import ClientHelloError
+from gateway.proto.clienthello import (
     MAX_CLIENT_HELLO,
     MAX_RECORD,
     MAX_RECORDS,
@@ -22,7 +23,6 @@ from gateway.clienthello import (
     RejectReason,
     parse_client_hello,
 )
-from gateway.errors import ClientHelloError
 
 SNI = "http.reviews.default.east.mesh.example.org"
 

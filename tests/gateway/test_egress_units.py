@@ -8,17 +8,16 @@ import ipaddress
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from multidict import CIMultiDict
 
+from discovery.addresses import split_host_port
 from discovery.names import ServiceKey
 from federation.routing import Destination, Endpoint, RoutingTable, ServiceRoute
 from gateway.balancer import Balancer, Target, TargetKind
 from gateway.errors import NoHealthyDestination
-from gateway.http import clean_request_headers, clean_response_headers
-from gateway.pool import split_host_port
 from gateway.probe import ProbeConfig, ProbeState
+from gateway.proto.h1 import parse_request_head, parse_response_head
+from gateway.proto.sni import ProbeSni, parse_sni, probe_sni
 from gateway.retry import RetryBudget, RetryPolicy
-from gateway.sni import ProbeSni, parse_sni, probe_sni
 from gateway.vips import Mode, port_mode, resolve, wanted_listeners
 
 
@@ -145,15 +144,25 @@ def test_wanted_listeners_and_resolution() -> None:
 
 
 def test_header_cleaning() -> None:
-    h = CIMultiDict(
-        [("Host", "a"), ("Connection", "close, X-Foo"), ("X-Foo", "1"), ("Keep-Alive", "5"),
-         ("Transfer-Encoding", "chunked"), ("X-Isthmus-Route", "west"), ("X-ISTHMUS-A", "b"),
-         ("Accept", "x"), ("Accept", "y"), ("TE", "trailers"), ("Upgrade", "h2c")]
-    )  # fmt: skip
-    out = clean_request_headers(h)
-    assert list(out.items()) == [("Host", "a"), ("Accept", "x"), ("Accept", "y")]
-    resp = clean_response_headers(CIMultiDict([("X-Isthmus-Error", "e"), ("Connection", "x")]))
-    assert list(resp.items()) == [("X-Isthmus-Error", "e")]  # responses keep our own headers
+    """What the engine forwards (the h1 parser's `forward` heads): no hop-by-hop field, none
+    that Connection names, no x-isthmus-* in requests; responses keep our own headers."""
+    raw = (
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close, X-Foo\r\nX-Foo: 1\r\n"
+        b"Keep-Alive: 5\r\nX-Isthmus-Route: west\r\nX-ISTHMUS-A: b\r\nAccept: x\r\n"
+        b"Accept: y\r\nTE: trailers\r\nUpgrade: h2c\r\n\r\n"
+    )
+    head = parse_request_head(raw)
+    assert head is not None
+    assert head.forward == b"GET / HTTP/1.1\r\nHost: a\r\nAccept: x\r\nAccept: y\r\n\r\n"
+    chunked = parse_request_head(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+    assert chunked is not None  # a body is forwarded with the framing it came with
+    assert chunked.forward == b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    resp = parse_response_head(
+        b"HTTP/1.1 200 OK\r\nX-Isthmus-Error: e\r\nConnection: x\r\nContent-Length: 0\r\n\r\n",
+        "GET",
+    )
+    assert resp is not None
+    assert resp.forward == b"HTTP/1.1 200 OK\r\nX-Isthmus-Error: e\r\nContent-Length: 0\r\n\r\n"
 
 
 def test_split_host_port() -> None:

@@ -1,6 +1,6 @@
-"""The L7 fast path (gateway/h1proxy.py) on the two-cluster loopback topology: keep-alive
-upstream reuse over the mTLS tunnel, pipelining, chunked and large responses, and the hand-off
-to aiohttp for what the fast path leaves alone (HTTP/1.0, Expect, chunked request bodies)."""
+"""The L7 engine (gateway/l7/) on the two-cluster loopback topology: keep-alive upstream reuse
+over the mTLS tunnel, pipelining, chunked and large responses, and what once went to aiohttp
+(HTTP/1.0, Expect, chunked and large request bodies, upgrades) served by the engine itself."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
-from gw_topology import HTTP_PORT, WEST_ONLY_VIP, Pki, topology
+from gw_topology import EAST_ONLY_VIP, HTTP_PORT, WEST_ONLY_VIP, Pki, topology
 
-from gateway.h1 import BodyKind, BodyScanner, parse_response_head
+from gateway.proto.h1 import BodyKind, BodyScanner, parse_response_head
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -69,7 +69,7 @@ async def test_chunked_and_large_responses_stream_through(pki: Pki) -> None:
             assert r.status == 200  # the same client connection goes on after a stream
 
 
-async def test_what_the_fast_path_leaves_goes_to_aiohttp(pki: Pki) -> None:
+async def test_http10_chunked_bodies_and_expect_are_served_by_the_engine(pki: Pki) -> None:
     async with asyncio.timeout(30), topology(pki):
         reader, writer = await asyncio.open_connection(str(WEST_ONLY_VIP), HTTP_PORT)
         writer.write(b"GET /old HTTP/1.0\r\nHost: r\r\n\r\n")
@@ -85,13 +85,29 @@ async def test_what_the_fast_path_leaves_goes_to_aiohttp(pki: Pki) -> None:
             url = f"http://{WEST_ONLY_VIP}:{HTTP_PORT}/up"
             async with s.put(url, data=parts()) as r:  # chunked request body
                 assert r.status == 200 and (await r.json())["body"] == 3000
-        # A new connection is on the fast path again; it answers 100 Continue itself.
+        # The engine answers 100 Continue itself.
         async with (
             aiohttp.ClientSession() as s,
             s.put(url, data=b"y" * 500, expect100=True) as r,
         ):
             assert r.status == 200 and (await r.json())["body"] == 500
             assert "expect" not in (await r.json())["headers"]
+
+
+async def test_websockets_and_large_uploads_go_through_locally_and_across_the_tunnel(
+    pki: Pki,
+) -> None:
+    """An upgrade is forwarded and relayed as bytes after the 101; a body above the retry
+    buffer (1 MiB) streams through once."""
+    async with asyncio.timeout(30), topology(pki), aiohttp.ClientSession() as s:
+        for vip, cluster in ((EAST_ONLY_VIP, "east"), (WEST_ONLY_VIP, "west")):
+            async with s.ws_connect(f"http://{vip}:{HTTP_PORT}/ws") as ws:
+                for i in range(3):
+                    await ws.send_str(f"m{i}")
+                    assert (await ws.receive_str()) == f"{cluster}:m{i}"
+            big = b"u" * (3 << 20)
+            async with s.put(f"http://{vip}:{HTTP_PORT}/up", data=big) as r:
+                assert r.status == 200 and (await r.json())["body"] == len(big)
 
 
 async def test_gateway_errors_carry_the_error_header_and_keep_the_connection(pki: Pki) -> None:

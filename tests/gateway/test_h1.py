@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from gateway.h1 import (
+from gateway.proto.h1 import (
     BodyKind,
     BodyScanner,
     H1Error,
@@ -232,14 +232,14 @@ def _either(parse: object) -> object:
         ]
     ),
 )
-def test_fast_field_scan_decides_like_the_line_parser(
+def test_fast_path_decides_like_the_llhttp_path(
     fields: list[tuple[bytes, bytes]], request_line: bytes, status_line: bytes
 ) -> None:
-    """The fast paths (whole-head patterns, the one-pass scan of the field block) and the
-    line-by-line parser (forced here by patterns that never match) give the same heads."""
+    """The fast path (whole-head patterns) and the llhttp path (forced here by patterns that
+    never match) give the same heads."""
     import re
 
-    import gateway.h1 as h1
+    import gateway.proto.h1 as h1
 
     block = b"".join(n + b": " + v + b"\r\n" for n, v in fields)
     request = request_line + b"\r\n" + block + b"\r\n"
@@ -247,13 +247,13 @@ def test_fast_field_scan_decides_like_the_line_parser(
     fast = (_either(lambda: parse_request_head(request)),
             _either(lambda: parse_response_head(response, "GET")))  # fmt: skip
     never = re.compile(rb"(?!)")
-    saved = (h1._FIELD_BLOCK, h1._REQUEST_FAST, h1._RESPONSE_FAST)
-    h1._FIELD_BLOCK = h1._REQUEST_FAST = h1._RESPONSE_FAST = never
+    saved = (h1._REQUEST_FAST, h1._RESPONSE_FAST)
+    h1._REQUEST_FAST = h1._RESPONSE_FAST = never
     try:
         slow = (_either(lambda: parse_request_head(request)),
                 _either(lambda: parse_response_head(response, "GET")))  # fmt: skip
     finally:
-        h1._FIELD_BLOCK, h1._REQUEST_FAST, h1._RESPONSE_FAST = saved
+        h1._REQUEST_FAST, h1._RESPONSE_FAST = saved
     assert fast == slow
 
 
@@ -276,3 +276,190 @@ def test_a_field_named_by_connection_close_is_dropped() -> None:
     head = parse_request_head(b"GET / HTTP/1.1\r\nConnection: close\r\nClose: 1\r\nA: b\r\n\r\n")
     assert head is not None and not head.keep_alive
     assert head.forward == b"GET / HTTP/1.1\r\nA: b\r\n\r\n"
+
+
+# --- llhttp as the oracle -------------------------------------------------------------------
+# Heads come from a small grammar, then get bytes that parsers disagree on spliced in at any
+# place (CR, LF, blanks, colons, controls, high bytes). Whatever our parser forwards, llhttp
+# (httptools, strict mode) must read the same way: never a head it refuses (what a stricter
+# parser downstream would read differently is how requests get smuggled), the same version
+# and keep-alive, the same framing, and exactly the fields a proxy may forward.
+
+_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
+        b"proxy-authorization", b"te", b"trailer", b"upgrade"}  # fmt: skip
+
+
+class _Oracle:
+    def __init__(self) -> None:
+        self.fields: list[tuple[bytes, bytes]] = []
+        self.parser: object = None
+        self.keep_alive: bool | None = None
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.fields.append((name.lower(), value.strip(b" \t")))
+
+    def on_headers_complete(self) -> None:  # (read after the message, it is the next one's)
+        self.keep_alive = self.parser.should_keep_alive()  # type: ignore[attr-defined]
+
+
+def llhttp(raw: bytes, request: bool) -> tuple[list[tuple[bytes, bytes]], str, bool] | None:
+    """(fields, version, keep-alive) as llhttp reads the head `raw`; None if it refuses it.
+    A method it does not list is read as GET (any token is a method; see gateway/proto/h1)."""
+    import httptools
+
+    for data in (raw, b"GET" + raw[raw.find(b" ") :]):
+        sink = _Oracle()
+        kind = httptools.HttpRequestParser if request else httptools.HttpResponseParser
+        parser = sink.parser = kind(sink)
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass
+        except httptools.HttpParserInvalidMethodError:
+            if not request:
+                return None
+            continue
+        except httptools.HttpParserError as err:
+            if str(err) != "Pause on CONNECT/Upgrade":
+                return None
+        assert sink.keep_alive is not None
+        return sink.fields, parser.get_http_version(), sink.keep_alive
+    return None
+
+
+oracle_names = st.sampled_from(
+    [b"Host", b"Content-Length", b"content-length", b"Transfer-Encoding", b"Connection", b"TE",
+     b"Keep-Alive", b"Upgrade", b"Expect", b"X-Isthmus-A", b"X-Drop", b"Accept", b"Trailer"]
+)  # fmt: skip
+oracle_values = st.sampled_from(
+    [b"a", b"12", b"0", b"chunked", b"gzip, chunked", b"close", b"keep-alive", b"X-Drop",
+     b"upgrade", b"websocket", b"100-continue", b"", b" spaced ", b"a\tb", b"\x80\xff", b"1" * 19]
+)  # fmt: skip
+splice = st.sampled_from([b"\r", b"\n", b" ", b"\t", b":", b"\x00", b"\x7f", b"\x80", b"\r\n",
+                          b"\r\n ", b",", b"\x0b"])  # fmt: skip
+
+
+def _spliced(head: bytes, cuts: list[tuple[int, bytes]]) -> bytes:
+    end = len(head) - 4  # keep the blank line that ends the head
+    for at, piece in sorted(cuts, reverse=True):
+        at = min(at, end)
+        head = head[:at] + piece + head[at:]
+    return head
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    st.sampled_from(
+        [
+            b"GET /",
+            b"POST /p?q=1",
+            b"PUT *",
+            b"DELETE /d",
+            b"PURGE /x",
+            b"HEAD /h",
+            b"CONNECT a:1",
+            b"OPTIONS *",
+        ]
+    ),
+    st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0"]),
+    st.lists(st.tuples(oracle_names, oracle_values), max_size=6),
+    st.lists(st.tuples(st.integers(0, 200), splice), max_size=2),
+)
+@example(b"OPTIONS *", b"HTTP/1.1", [], [(8, b":")])  # found by this test: ":*"
+def test_what_we_forward_llhttp_reads_the_same_way(
+    line: bytes, version: bytes, fields: list[tuple[bytes, bytes]], cuts: list[tuple[int, bytes]]
+) -> None:
+    raw = _spliced(
+        line + b" " + version + b"\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in fields)
+        + b"\r\n", cuts,
+    )  # fmt: skip
+    try:
+        ours = parse_request_head(raw)
+    except H1Error as err:
+        assert err.status in (400, 431, 501, 505)  # stricter than llhttp is allowed
+        return
+    if ours is None:
+        return  # the splice ended the head early or cut it: nothing to compare
+    theirs = llhttp(raw[: ours.size], request=True)
+    assert theirs is not None, f"we accept what llhttp refuses: {raw!r}"
+    their_fields, their_version, their_keep_alive = theirs
+    assert ours.version == b"HTTP/" + their_version.encode()
+    assert ours.keep_alive == their_keep_alive
+    lengths = [v for n, v in their_fields if n == b"content-length"]
+    if lengths:
+        assert ours.body is (BodyKind.LENGTH if int(lengths[0]) else BodyKind.NONE)
+        assert ours.length == int(lengths[0])
+    elif any(n == b"transfer-encoding" for n, _ in their_fields):
+        assert ours.body is BodyKind.CHUNKED
+    else:
+        assert ours.body is BodyKind.NONE
+    named = {t.strip().lower() for n, v in their_fields if n == b"connection"
+             for t in v.split(b",")}  # fmt: skip
+    forwarded = llhttp(ours.forward, request=True)
+    assert forwarded is not None, f"llhttp refuses what we forward: {ours.forward!r}"
+    expected = [
+        (n, v) for n, v in their_fields
+        if n not in _HOP and not n.startswith(b"x-isthmus-")
+        and (n not in named or n in (b"transfer-encoding", b"content-length", b"host"))
+        and not (n == b"expect" and ours.expect_continue)
+    ]  # fmt: skip
+    assert forwarded[0] == expected
+
+
+@settings(max_examples=800, deadline=None)
+@given(
+    st.sampled_from(
+        [
+            b"HTTP/1.1 200 OK",
+            b"HTTP/1.0 200 OK",
+            b"HTTP/1.1 204 No Content",
+            b"HTTP/1.1 101 Switching Protocols",
+            b"HTTP/1.1 503",
+        ]
+    ),
+    st.lists(st.tuples(oracle_names, oracle_values), max_size=6),
+    st.lists(st.tuples(st.integers(0, 200), splice), max_size=2),
+)
+def test_responses_we_forward_llhttp_reads_the_same_way(
+    line: bytes, fields: list[tuple[bytes, bytes]], cuts: list[tuple[int, bytes]]
+) -> None:
+    raw = _spliced(line + b"\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in fields)
+                   + b"\r\n", cuts)  # fmt: skip
+    try:
+        ours = parse_response_head(raw, "GET")
+    except H1Error as err:
+        assert err.status == 502
+        return
+    if ours is None:
+        return
+    theirs = llhttp(raw[: ours.size], request=False)
+    assert theirs is not None, f"we accept what llhttp refuses: {raw!r}"
+    if ours.body is not BodyKind.UNTIL_CLOSE:
+        assert ours.keep_alive == theirs[2]
+    assert llhttp(ours.forward, request=False) is not None
+
+
+@pytest.mark.parametrize(
+    "target", [b":*", b"?q", b"#f", b"1abc", b"a", b"a:b", b"a/b", b"-", b"%41", b"[::1]",
+               b"h2c://a/", b"http://u@h/", b"http://h\x7f"],
+)  # fmt: skip
+def test_a_target_llhttp_refuses_is_refused(target: bytes) -> None:
+    raw = b"GET " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n"
+    with pytest.raises(H1Error) as err:
+        parse_request_head(raw)
+    assert err.value.status == 400
+
+
+@pytest.mark.parametrize(
+    "target", [b"/", b"/a?b#c", b"*", b"//x", b"http://a.b:80/x?y", b"HTTP://[::1]", b"http://a?q"],
+)  # fmt: skip
+def test_the_target_forms_llhttp_reads_are_forwarded(target: bytes) -> None:
+    raw = b"GET " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n"
+    head = parse_request_head(raw)
+    assert head is not None and head.target == target
+    assert llhttp(head.forward, request=True) is not None
+
+
+def test_connect_keeps_its_authority_form() -> None:
+    head = parse_request_head(b"CONNECT a.example:443 HTTP/1.1\r\nHost: a.example\r\n\r\n")
+    assert head is not None and head.target == b"a.example:443" and head.upgrade

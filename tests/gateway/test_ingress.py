@@ -27,7 +27,7 @@ from federation.trust.ca import Identity, create_cluster_ca, create_root, issue_
 from federation.trust.connections import VerifiedConnection, tls_connect
 from federation.trust.credentials import TlsCredentials
 from gateway.ingress import Ingress, IngressConfig
-from gateway.relay import RelayConfig
+from gateway.l4.relay import RelayConfig
 
 TD = "mesh.test"
 HOST = "127.0.90.1"

@@ -1,4 +1,4 @@
-"""The tunnel's sans-IO frame codec and stream windows (`gateway.mux`), without sockets."""
+"""The tunnel's sans-IO frame codec and stream windows (`gateway.proto.mux`), without sockets."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.errors import ProtocolError
-from gateway.mux import (
+from gateway.proto.mux import (
     DEFAULT_MAX_PAYLOAD,
     HEADER,
     MAX_REASON,

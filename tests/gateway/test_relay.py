@@ -20,7 +20,7 @@ from gw_topology import Pki
 
 from federation.trust.contexts import client_context, server_context
 from gateway.errors import RelayError
-from gateway.relay import (
+from gateway.l4.relay import (
     ProtocolRelay,
     RelayConfig,
     RelayOutcome,

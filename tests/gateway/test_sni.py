@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from discovery.names import ServiceKey
 from gateway.errors import SniError
-from gateway.sni import (
+from gateway.proto.sni import (
     FederationSni,
     ServiceSni,
     federation_sni,

@@ -1,4 +1,6 @@
-"""Multiplexed tunnels (`gateway.tunnel`) over real mutual TLS on loopback (127.78.1.x).
+"""Multiplexed tunnels (`gateway.tunnel.transport`) end to end over real mutual TLS on loopback
+(127.78.1.x). The stream's own rules (half-close, close and its FIN deadline, flow control,
+resets, buffer bounds) are playbooks without sockets in test_stream_machine.py.
 
 The egress side is a `MuxConnection(server=False)` that opens streams, the ingress side a
 `MuxConnection(server=True)` whose `on_open` handler answers them (an echo in the test, or a
@@ -23,11 +25,11 @@ from gw_topology import TD, Pki
 
 from federation.trust.contexts import client_context, server_context
 from gateway.errors import StreamReset
-from gateway.mux import HEADER, MAX_TARGET, FrameDecoder, FrameType, encode, parse_reset
-from gateway.mux import window_payload as window
-from gateway.relay import ProtocolRelay, RelayConfig, RelayOutcome
-from gateway.sni import tunnel_sni
-from gateway.tunnel import MuxConfig, MuxConnection, MuxStream
+from gateway.l4.relay import ProtocolRelay, RelayConfig, RelayOutcome
+from gateway.proto.mux import HEADER, MAX_TARGET, FrameDecoder, FrameType, encode, parse_reset
+from gateway.proto.mux import window_payload as window
+from gateway.proto.sni import tunnel_sni
+from gateway.tunnel.transport import MuxConfig, MuxConnection, MuxStream
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -535,44 +537,6 @@ async def test_half_close_client_first_server_keeps_sending(pki: Pki) -> None:
             await until(lambda: not pair.client.streams and not pair.server.streams)
 
 
-async def test_half_close_server_first_client_keeps_sending(pki: Pki) -> None:
-    async with asyncio.timeout(LIMIT):
-        acceptor = Acceptor()
-        async with mux_pair(pki, acceptor) as pair:
-            stream, peer = await pair.open()
-            server_stream, server_peer = await acceptor.next()
-            server_stream.write(b"banner")
-            server_stream.write_eof()
-            await peer.eof.wait()
-            assert bytes(peer.data) == b"banner"
-            upload = payload(3 << 20, 3)
-            await peer.write_all(upload, chunk=100_000)
-            await server_peer.eof.wait()
-            assert bytes(server_peer.data) == upload
-            assert server_peer.after_eof == peer.after_eof == 0
-            stream.close()
-            server_stream.close()
-            assert await peer.lost is None and await server_peer.lost is None
-            await until(lambda: not pair.client.streams and not pair.server.streams)
-
-
-async def test_fin_timeout_resets_a_peer_that_never_finishes(pki: Pki) -> None:
-    config = MuxConfig(fin_timeout=0.3)
-    async with asyncio.timeout(LIMIT):
-        acceptor = Acceptor()
-        async with mux_pair(pki, acceptor, config) as pair:
-            _, peer = await pair.open()  # keeps its side open after the server's FIN
-            server_stream, server_peer = await acceptor.next()
-            server_stream.write(b"last words")
-            server_stream.close()
-            assert await server_peer.lost is None  # told at once
-            await peer.eof.wait()
-            assert bytes(peer.data) == b"last words"
-            assert pair.server.streams  # still waiting for the client's FIN
-            assert await peer.reset_reason() == "fin_timeout"
-            await until(lambda: not pair.client.streams and not pair.server.streams)
-
-
 # --- back-pressure ------------------------------------------------------------------------------
 
 
@@ -733,17 +697,6 @@ async def test_reset_reaches_the_other_protocol_with_its_reason(pki: Pki, side: 
             await check_alive(pair, acceptor)
 
 
-async def test_abort_is_a_reset(pki: Pki) -> None:
-    async with asyncio.timeout(LIMIT):
-        acceptor = Acceptor()
-        async with mux_pair(pki, acceptor) as pair:
-            stream, peer = await pair.open()
-            _, server_peer = await acceptor.next()
-            stream.abort()
-            assert await server_peer.reset_reason() == "aborted"
-            assert await peer.lost is None
-
-
 async def test_reset_before_accept_fails_accepted(pki: Pki) -> None:
     held: list[MuxStream] = []
 
@@ -785,21 +738,6 @@ async def test_reset_before_accept_fails_accepted(pki: Pki) -> None:
         await until(lambda: not pair.client.streams and not pair.server.streams)
 
 
-async def test_bytes_after_close_are_answered_with_reset(pki: Pki) -> None:
-    async with asyncio.timeout(LIMIT):
-        acceptor = Acceptor()
-        async with mux_pair(pki, acceptor) as pair:
-            stream, peer = await pair.open()
-            server_stream, server_peer = await acceptor.next()
-            server_stream.close()  # FIN; the client keeps its side open and writes on
-            await peer.eof.wait()
-            assert await server_peer.lost is None
-            stream.write(b"too late")
-            assert await peer.reset_reason() == "closed"
-            assert server_peer.data == b""  # nothing delivered after close
-            await until(lambda: not pair.client.streams and not pair.server.streams)
-
-
 async def test_unknown_stream_data_gets_a_reset(pki: Pki) -> None:
     async with asyncio.timeout(LIMIT), raw_client(pki, echo) as (raw, conn):
         raw.send(FrameType.DATA, 9, b"who is this for?")
@@ -830,25 +768,6 @@ async def test_non_ascii_target_is_refused(pki: Pki) -> None:
         raw.send(FrameType.OPEN, 1, "tcp.ünicode".encode())
         assert parse_reset(await raw.frame(FrameType.RESET, 1))[0] == "unknown_sni"
         assert not conn.streams and not conn.lost
-
-
-async def test_data_beyond_the_window_resets_the_stream(pki: Pki) -> None:
-    config = MuxConfig(window=4096, frame_size=1024, high_water=16384, low_water=4096)
-    acceptor = Acceptor()
-    async with asyncio.timeout(LIMIT), raw_client(pki, acceptor, config) as (raw, conn):
-        raw.send(FrameType.OPEN, 1, TARGET.encode())
-        await raw.frame(FrameType.ACCEPT, 1)
-        _, server_peer = await acceptor.next()
-        raw.send(FrameType.DATA, 1, b"a" * 4096)  # exactly the window: fine
-        await server_peer.read(4096)
-        await raw.frame(FrameType.WINDOW, 1)  # credit back once handed on
-        granted = sum(
-            int.from_bytes(p, "big") for k, s, p in raw.frames if k == FrameType.WINDOW and s == 1
-        )
-        raw.send(FrameType.DATA, 1, b"b" * (granted + 1))
-        assert parse_reset(await raw.frame(FrameType.RESET, 1))[0] == "flow_control"
-        assert await server_peer.reset_reason() == "flow_control"
-        assert not conn.lost  # a stream's fault, not the connection's
 
 
 # --- limits, GOAWAY, losing the connection -----------------------------------------------------
@@ -1072,48 +991,6 @@ async def test_early_streams_wait_for_the_open_handler(pki: Pki) -> None:
 # --- closing with bytes still waiting for window -------------------------------------------
 
 
-async def test_close_with_unsent_bytes_still_delivers_them_after_the_peers_fin(pki: Pki) -> None:
-    """close() sends FIN after the buffered bytes, like TCP, even when the peer's FIN comes
-    first: the peer's FIN must not throw away bytes that wait for window."""
-    config = MuxConfig(window=4096, frame_size=1024, high_water=1 << 20, low_water=1 << 18)
-    acceptor = Acceptor()
-    async with asyncio.timeout(LIMIT), mux_pair(pki, acceptor, config) as pair:
-        stream, peer = await pair.open()
-        server_stream, server_peer = await acceptor.next()
-        server_stream.pause_reading()
-        data = payload(200_000, 8)
-        stream.write(data)
-        stream.close()
-        assert stream.get_write_buffer_size() > 0
-        server_stream.write_eof()  # the peer's FIN arrives while ours still waits
-        await until(lambda: stream.remote_fin)
-        server_stream.resume_reading()
-        await server_peer.eof.wait()
-        assert bytes(server_peer.data) == data
-        assert await peer.lost is None
-        server_stream.close()
-        await until(lambda: not pair.client.streams and not pair.server.streams)
-
-
-async def test_close_with_unsent_bytes_then_data_tells_the_protocol(pki: Pki) -> None:
-    """Bytes arriving after close() reset the stream; the closing side's protocol still gets
-    its connection_lost (a relay waits for it) even though its FIN never went out."""
-    config = MuxConfig(window=4096, frame_size=1024, high_water=1 << 20, low_water=1 << 18)
-    acceptor = Acceptor()
-    async with asyncio.timeout(LIMIT), mux_pair(pki, acceptor, config) as pair:
-        stream, peer = await pair.open()
-        server_stream, server_peer = await acceptor.next()
-        server_stream.pause_reading()
-        stream.write(payload(200_000, 9))
-        stream.close()
-        assert not peer.lost.done()  # FIN not sent yet: like asyncio, told after the flush
-        server_stream.write(b"an answer nobody reads")
-        assert await server_peer.reset_reason() == "closed"
-        exc = await peer.lost
-        assert isinstance(exc, StreamReset) and exc.reason == "closed"
-        await until(lambda: not pair.client.streams and not pair.server.streams)
-
-
 @pytest.mark.parametrize("then", ["fin", "data"])
 async def test_drained_relay_with_unsent_bytes_ends(pki: Pki, then: str) -> None:
     """The ingress drains a relay (`ProtocolRelay.close`) whose stream side still holds bytes
@@ -1189,34 +1066,6 @@ def test_config_validation() -> None:
             MuxConfig(**bad)  # type: ignore[arg-type]
 
 
-async def test_buffers_of_streams_that_do_not_read_are_bounded_per_connection(pki: Pki) -> None:
-    """Each stream may buffer up to its window while not reading, but together no more than
-    `max_buffered`: the stream whose bytes would pass it is reset (flow_control), the others
-    keep what they have."""
-    config = MuxConfig(window=64 << 10, max_buffered=100 << 10)
-    acceptor = Acceptor(pause_at=1)
-    async with asyncio.timeout(LIMIT), mux_pair(pki, acceptor, config) as pair:
-        a, a_peer = await pair.open()
-        b, b_peer = await pair.open()
-        a_server, a_server_peer = await acceptor.next()
-        b_server, _ = await acceptor.next()
-        a.write(b"x")  # each server side pauses after its first byte
-        b.write(b"y")
-        await until(lambda: a_server.received == 1 and b_server.received == 1)
-        first = payload(60 << 10, 1)
-        a.write(first)  # held at the server: a is not reading
-        await until(lambda: pair.server.buffered == len(first))
-        b.write(payload(60 << 10, 2))  # would make 120 KiB held: over the limit
-        exc = await b_peer.lost
-        assert isinstance(exc, StreamReset) and exc.reason == "flow_control"
-        assert pair.server.buffered <= config.max_buffered
-        a_server.resume_reading()
-        await until(lambda: len(a_server_peer.data) == 1 + len(first))
-        assert bytes(a_server_peer.data) == b"x" + first
-        assert pair.server.buffered == 0
-        assert not a_peer.lost.done()
-
-
 async def test_tunnel_gauges_read_the_live_connections(pki: Pki) -> None:
     from prometheus_client import REGISTRY
 
@@ -1266,26 +1115,3 @@ async def test_a_stream_that_ended_before_it_had_a_protocol_tells_the_next_one(p
             b.close()
 
 
-async def test_windows_start_small_and_grow_while_the_stream_reads(pki: Pki) -> None:
-    """A stream starts with `initial_window` of credit; reading grows its window toward
-    `window`, so a bulk stream gets the large window and one that never reads holds only the
-    initial one at the other end."""
-    config = MuxConfig(window=1 << 20, initial_window=16 << 10, frame_size=16 << 10)
-    acceptor = Acceptor()
-    async with asyncio.timeout(LIMIT), mux_pair(pki, acceptor, config) as pair:
-        reader, _ = await pair.open()
-        idle, idle_peer = await pair.open()
-        reader_server, reader_peer = await acceptor.next()
-        idle_server, idle_server_peer = await acceptor.next()
-        idle_server.pause_reading()  # never reads
-        big = payload(4 << 20, 3)
-        reader.write(big)
-        idle.write(payload(1 << 20, 4))
-        await until(lambda: len(reader_peer.data) == len(big))
-        assert bytes(reader_peer.data) == big
-        assert reader_server._recv.window == config.window  # grown to the maximum
-        await until(lambda: idle_server.received == config.initial_window)
-        await asyncio.sleep(0.05)
-        assert idle_server.received == config.initial_window  # no more than its first credit
-        assert idle_server._recv.window == config.initial_window
-        assert not idle_peer.lost.done() and not idle_server_peer.data

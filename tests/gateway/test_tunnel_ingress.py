@@ -30,13 +30,13 @@ from federation.trust.contexts import client_context
 from federation.trust.credentials import TlsCredentials
 from gateway.errors import ConnectFailed, StreamReset
 from gateway.ingress import Ingress, IngressConfig
+from gateway.l4.relay import RelayConfig
 from gateway.metrics import Outcome
-from gateway.mux import FrameDecoder, FrameType, encode
-from gateway.relay import RelayConfig
-from gateway.sni import tunnel_sni
+from gateway.proto.mux import FrameDecoder, FrameType, encode
+from gateway.proto.sni import tunnel_sni
 from gateway.tlsclient import ClientContexts
-from gateway.tunnel import MuxConfig, MuxConnection, MuxStream
-from gateway.tunnelclient import TunnelClient
+from gateway.tunnel.client import TunnelClient
+from gateway.tunnel.transport import MuxConfig, MuxConnection, MuxStream
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -3,10 +3,11 @@
 `TunnelClient.open` returns a stream to a service port of a remote cluster, accepted by its
 ingress (which connected an endpoint first, so a refusal or a dead endpoint is a connect
 failure the caller can retry elsewhere). Up to `MuxConfig.connections` connections are kept
-per gateway, dialled on first use (`pool.dial_tunnel`: the reserved SNI `tunnel.<cluster>.<td>`,
-TLS session resumption, strict verification of the ingress identity); a stream goes to the one
-with the fewest streams. Several connections spread the streams over the ingress' worker
-processes (`SO_REUSEPORT`) and keep one lost connection from taking every stream with it.
+per gateway, dialled on first use (`tlsclient.dial_gateway`: the reserved SNI
+`tunnel.<cluster>.<td>`, TLS session resumption, strict verification of the ingress
+identity); a stream goes to the one with the fewest streams. Several connections spread the
+streams over the ingress' worker processes (`SO_REUSEPORT`) and keep one lost connection
+from taking every stream with it.
 
 When the node's credentials change, connections made with the old identity take no new
 streams and close once their streams are done. Connections without streams for `idle_close`
@@ -21,10 +22,9 @@ import time
 
 from gateway.errors import ConnectFailed, StreamReset
 from gateway.metrics import Outcome
-from gateway.pool import dial_tunnel
-from gateway.sni import tunnel_sni
-from gateway.tlsclient import ClientContexts
-from gateway.tunnel import MuxConfig, MuxConnection, MuxStream
+from gateway.proto.sni import tunnel_sni
+from gateway.tlsclient import ClientContexts, dial_gateway
+from gateway.tunnel.transport import MuxConfig, MuxConnection, MuxStream
 
 __all__ = ["TunnelClient"]
 
@@ -130,20 +130,20 @@ class TunnelClient:
 
     async def _dial(self, gateway: str, cluster: str, trust_domain: str) -> MuxConnection:
         self.dials += 1
-        tunnel = await dial_tunnel(
+        gw = await dial_gateway(
             self.contexts, gateway, tunnel_sni(cluster, trust_domain), cluster,
             self.connect_timeout, self.handshake_timeout,
         )  # fmt: skip
-        conn = MuxConnection(self.config, server=False, generation=tunnel.generation, label=gateway)
-        tunnel.protocol.on_lost = None
-        tunnel.transport.set_protocol(conn)
-        conn.connection_made(tunnel.transport)
-        if not tunnel.alive:
+        conn = MuxConnection(self.config, server=False, generation=gw.generation, label=gateway)
+        gw.protocol.on_lost = None
+        gw.transport.set_protocol(conn)
+        conn.connection_made(gw.transport)
+        if not gw.alive:
             conn.connection_lost(None)
             raise ConnectFailed(f"{gateway}: closed right after the handshake")
         self._conns.setdefault(gateway, []).append(conn)
-        log.info("tunnel connected", extra={"gateway": gateway, "peer": str(tunnel.peer),
-                                            "resumed": tunnel.resumed})  # fmt: skip
+        log.info("tunnel connected", extra={"gateway": gateway, "peer": str(gw.peer),
+                                            "resumed": gw.resumed})  # fmt: skip
         return conn
 
     def _dialed(self, gateway: str, task: asyncio.Task[MuxConnection]) -> None:

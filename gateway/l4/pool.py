@@ -1,11 +1,12 @@
-"""Warm pools of mutual-TLS connections from the egress to remote ingress gateways.
+"""Warm pools of gateway connections for `egress.multiplex: false`: one mutual-TLS connection
+to a remote ingress per client connection, dialled ahead of time.
 
 A TLS connection to an ingress is bound to one SNI (the ingress routes it by the ClientHello),
 so a pool is kept per (gateway, SNI). A pool turns hot when it is used: each take schedules a
 refill up to `size` idle connections, dialled in the background with TLS session resumption
 (`tlsclient`), so the next client connection skips both the TCP and the TLS handshake. The
 refill after a take waits `refill_delay` so that its handshakes do not compete for the CPU with
-the first bytes of the connection that took the tunnel. Every new client connection still costs
+the first bytes of the connection that took it. Every new client connection still costs
 one handshake on each gateway (the pool hides its latency, not its CPU), so the rate of new
 connections is bound by the handshake rate. A pool
 nobody used for `cold_after` seconds stops refilling and its idle connections are closed.
@@ -23,20 +24,14 @@ import asyncio
 import collections
 import contextlib
 import logging
-import ssl
 import time
 from dataclasses import dataclass
 
-from federation.trust.errors import TrustError
-from federation.trust.observe import classify, record_failure
-from federation.trust.spiffe import SpiffeId
-from federation.trust.verify import verify_peer
 from gateway.closing import abort_transport, close_transport
 from gateway.errors import ConnectFailed
-from gateway.metrics import Outcome
-from gateway.tlsclient import ClientContexts
+from gateway.tlsclient import ClientContexts, GatewayConn, IdleWatch, dial_gateway
 
-__all__ = ["PoolConfig", "Tunnel", "TunnelPool", "dial_tunnel", "split_host_port"]
+__all__ = ["PoolConfig", "WarmPool"]
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +46,7 @@ class PoolConfig:
     max_dials: int = 4  # concurrent background dials per pool
     # After a take served from the pool, wait this long before dialling its replacement: a
     # dial's handshake costs ~1 ms of CPU on both gateways, and done at once it delays the
-    # first bytes of the connection that just took the tunnel (measured: 5.3 ms -> 1.5 ms per
+    # first bytes of the connection that just took it (measured: 5.3 ms -> 1.5 ms per
     # sequential pooled connection on 2 cores). A take that found the pool empty refills as
     # soon as its own dial is through.
     refill_delay: float = 0.02
@@ -63,112 +58,6 @@ class PoolConfig:
             raise ValueError("timeouts must be > 0")
 
 
-def split_host_port(address: str) -> tuple[str, int]:
-    """ "host:port" or "[v6]:port" -> (host, port)."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not (port.isascii() and port.isdigit()):
-        raise ValueError(f"{address!r} is not host:port")
-    return host.strip("[]"), int(port)
-
-
-class _Idle(asyncio.Protocol):
-    """Protocol of a connection while it waits in a pool."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.lost = False
-        self.on_lost: collections.abc.Callable[[_Idle], None] | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        # Nothing was asked yet: the stream is no longer at its start, so it is useless.
-        if self.transport is not None:
-            self.transport.abort()
-
-    def eof_received(self) -> bool:
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        if self.on_lost is not None:
-            self.on_lost(self)
-
-
-@dataclass(frozen=True, slots=True)
-class Tunnel:
-    """An established, verified mutual-TLS connection to a remote ingress."""
-
-    transport: asyncio.Transport
-    protocol: _Idle
-    peer: SpiffeId
-    gateway: str
-    sni: str
-    born: float
-    generation: int
-    resumed: bool
-
-    @property
-    def alive(self) -> bool:
-        return not self.protocol.lost and not self.transport.is_closing()
-
-
-async def dial_tunnel(
-    contexts: ClientContexts,
-    gateway: str,
-    sni: str,
-    cluster: str,
-    connect_timeout: float,
-    handshake_timeout: float,
-) -> Tunnel:
-    """Connect to `gateway` with `sni`, handshake and verify that it is `cluster`'s gateway.
-
-    Raises ConnectFailed with the outcome to count (failures are logged by the caller, TLS
-    refusals are also counted and logged by the trust library)."""
-    loop = asyncio.get_running_loop()
-    host, port = split_host_port(gateway)
-    generation = contexts.credentials.generation
-    ctx = contexts.for_gateway(gateway)
-    started = time.monotonic()
-    try:
-        async with asyncio.timeout(connect_timeout + handshake_timeout):
-            transport, protocol = await loop.create_connection(
-                _Idle, host, port, ssl=ctx, server_hostname=sni,
-                ssl_handshake_timeout=handshake_timeout,
-            )  # fmt: skip
-    except TimeoutError as exc:
-        connected = time.monotonic() - started > connect_timeout
-        outcome = Outcome.HANDSHAKE_TIMEOUT if connected else Outcome.CONNECT_TIMEOUT
-        raise ConnectFailed(f"{gateway}: timed out", outcome) from exc
-    except ssl.SSLError as exc:
-        record_failure(classify(exc), side="client", peer=gateway)
-        msg = f"{gateway}: TLS handshake failed: {exc}"
-        raise ConnectFailed(msg, Outcome.HANDSHAKE_ERROR) from exc
-    except (OSError, EOFError) as exc:
-        raise ConnectFailed(f"{gateway}: {exc!r}", Outcome.CONNECT_ERROR) from exc
-    ssl_object = transport.get_extra_info("ssl_object")
-    creds = contexts.credentials
-    try:
-        if ssl_object is None:
-            raise classify(ssl.SSLError("no TLS session after the handshake"))
-        peer = verify_peer(ssl_object, creds.bundle, creds.trust_domain, expected_cluster=cluster)
-    except TrustError as err:
-        record_failure(err, side="client", peer=gateway)
-        transport.abort()
-        raise ConnectFailed(f"{gateway}: {err}", Outcome.HANDSHAKE_ERROR) from err
-    return Tunnel(
-        transport,  # type: ignore[arg-type]
-        protocol,
-        peer,
-        gateway,
-        sni,
-        time.monotonic(),
-        generation,
-        bool(ssl_object.session_reused),
-    )
-
-
 class _Pool:
     __slots__ = (
         "cluster", "dialing", "failures", "gateway", "idle", "last_used", "refill_timer", "sni",
@@ -178,14 +67,14 @@ class _Pool:
         self.gateway = gateway
         self.sni = sni
         self.cluster = cluster
-        self.idle: collections.deque[Tunnel] = collections.deque()
+        self.idle: collections.deque[GatewayConn] = collections.deque()
         self.dialing = 0
         self.failures = 0  # consecutive background dial failures: stop refilling until a take
         self.last_used = time.monotonic()
         self.refill_timer: asyncio.TimerHandle | None = None
 
 
-class TunnelPool:
+class WarmPool:
     """All warm pools of one egress (one event loop)."""
 
     def __init__(self, config: PoolConfig, contexts: ClientContexts) -> None:
@@ -221,9 +110,9 @@ class TunnelPool:
         pool = self._pools.get((gateway, sni))
         return len(pool.idle) if pool is not None else 0
 
-    async def acquire(self, gateway: str, sni: str, cluster: str) -> Tunnel:
-        """A verified tunnel, from the pool when one is ready; the caller owns it from now on
-        (it must set its own protocol on the transport). Raises ConnectFailed."""
+    async def acquire(self, gateway: str, sni: str, cluster: str) -> GatewayConn:
+        """A verified gateway connection, from the pool when one is ready; the caller owns it
+        from now on (it must set its own protocol on the transport). Raises ConnectFailed."""
         self._check_generation()
         key = (gateway, sni)
         pool = self._pools.get(key)
@@ -231,26 +120,26 @@ class TunnelPool:
             pool = self._pools[key] = _Pool(gateway, sni, cluster)
         pool.last_used = time.monotonic()
         pool.failures = 0
-        tunnel = self._take(pool)
-        if tunnel is not None:
+        conn = self._take(pool)
+        if conn is not None:
             self.hits += 1
             self._refill_later(pool)
-            return tunnel
+            return conn
         self.misses += 1
         cfg = self.config
         try:
-            tunnel = await dial_tunnel(
+            conn = await dial_gateway(
                 self.contexts, gateway, sni, cluster, cfg.connect_timeout, cfg.handshake_timeout
             )
         finally:
             # Refill once this dial is through: the background dials then resume its session.
             self._refill(pool)
-        self._count(tunnel)
-        return tunnel
+        self._count(conn)
+        return conn
 
-    def _count(self, tunnel: Tunnel) -> None:
+    def _count(self, conn: GatewayConn) -> None:
         self.dials += 1
-        self.resumed += tunnel.resumed
+        self.resumed += conn.resumed
 
     def drop_gateway(self, gateway: str) -> None:
         """Close idle connections to `gateway` (it failed a probe or left the table)."""
@@ -265,14 +154,14 @@ class TunnelPool:
 
     # --- internals ----------------------------------------------------------------------------
 
-    def _take(self, pool: _Pool) -> Tunnel | None:
+    def _take(self, pool: _Pool) -> GatewayConn | None:
         now = time.monotonic()
         while pool.idle:
-            tunnel = pool.idle.popleft()
-            tunnel.protocol.on_lost = None
-            if tunnel.alive and now - tunnel.born < self.config.max_idle_age:
-                return tunnel
-            abort_transport(tunnel.transport)
+            conn = pool.idle.popleft()
+            conn.protocol.on_lost = None
+            if conn.alive and now - conn.born < self.config.max_idle_age:
+                return conn
+            abort_transport(conn.transport)
         return None
 
     def _refill_later(self, pool: _Pool) -> None:
@@ -298,7 +187,7 @@ class TunnelPool:
     async def _dial_into(self, pool: _Pool) -> None:
         cfg = self.config
         try:
-            tunnel = await dial_tunnel(
+            conn = await dial_gateway(
                 self.contexts, pool.gateway, pool.sni, pool.cluster,
                 cfg.connect_timeout, cfg.handshake_timeout,
             )  # fmt: skip
@@ -311,20 +200,20 @@ class TunnelPool:
             return
         finally:
             pool.dialing -= 1
-        self._count(tunnel)
+        self._count(conn)
         current = self._pools.get((pool.gateway, pool.sni)) is pool
-        if self._closed or not current or tunnel.generation != self._generation:
-            tunnel.transport.close()
+        if self._closed or not current or conn.generation != self._generation:
+            conn.transport.close()
             return
-        tunnel.protocol.on_lost = lambda p, pool=pool: self._lost(pool, p)
-        pool.idle.append(tunnel)
+        conn.protocol.on_lost = lambda p, pool=pool: self._lost(pool, p)
+        pool.idle.append(conn)
         if len(pool.idle) + pool.dialing < cfg.size and pool.failures == 0:
             self._refill(pool)
 
-    def _lost(self, pool: _Pool, protocol: _Idle) -> None:
-        for tunnel in pool.idle:
-            if tunnel.protocol is protocol:
-                pool.idle.remove(tunnel)
+    def _lost(self, pool: _Pool, protocol: IdleWatch) -> None:
+        for conn in pool.idle:
+            if conn.protocol is protocol:
+                pool.idle.remove(conn)
                 break
 
     def _flush(self, pool: _Pool) -> None:
@@ -332,10 +221,10 @@ class TunnelPool:
             pool.refill_timer.cancel()
             pool.refill_timer = None
         while pool.idle:
-            tunnel = pool.idle.popleft()
-            tunnel.protocol.on_lost = None
+            conn = pool.idle.popleft()
+            conn.protocol.on_lost = None
             with contextlib.suppress(Exception):
-                close_transport(tunnel.transport)
+                close_transport(conn.transport)
 
     def _check_generation(self) -> None:
         generation = self.contexts.credentials.generation
@@ -360,13 +249,13 @@ class TunnelPool:
                 if pool.dialing == 0:
                     del self._pools[key]
                 continue
-            kept: collections.deque[Tunnel] = collections.deque()
-            for tunnel in pool.idle:
-                if tunnel.alive and now - tunnel.born < self.config.max_idle_age:
-                    kept.append(tunnel)
+            kept: collections.deque[GatewayConn] = collections.deque()
+            for conn in pool.idle:
+                if conn.alive and now - conn.born < self.config.max_idle_age:
+                    kept.append(conn)
                 else:
-                    tunnel.protocol.on_lost = None
-                    close_transport(tunnel.transport)  # it may be closing already
+                    conn.protocol.on_lost = None
+                    close_transport(conn.transport)  # it may be closing already
             pool.idle = kept
             if pool.failures == 0:
                 self._refill(pool)

@@ -5,7 +5,7 @@
 - peering: the reserved `federation.<cluster>.<trust_domain>`;
 - health probes of an ingress: the reserved `probe.<cluster>.<trust_domain>` (the ingress
   completes the mutual-TLS handshake and closes; no endpoint or peering handler is involved);
-- multiplexed tunnels: the reserved `tunnel.<cluster>.<trust_domain>` (`gateway.mux`: each
+- multiplexed tunnels: the reserved `tunnel.<cluster>.<trust_domain>` (`gateway.proto.mux`: each
   stream names its service port with a service SNI in its OPEN frame).
 
 The trust domain may contain dots, so a name is parsed against a known trust domain: strip

@@ -7,10 +7,19 @@ and the I/O shell forwards the chunk as is. The header block is edited only to d
 hop-by-hop fields, fields named by `Connection` and (in requests) every `x-isthmus-*` field;
 when nothing is dropped the original bytes are forwarded unchanged.
 
+Two parsers: the usual heads (the request or status line and a field block that follows the
+rules, with at most a plain Content-Length and Connection among the fields a proxy decides on)
+are taken in one pass of a whole-head pattern, measured faster than any other way in CPython;
+every other head is parsed by llhttp (Node's parser, through httptools), a maintained parser
+whose strict mode refuses what the pattern does not match, and our framing rules are applied
+to the fields it returns. tests/gateway/test_h1.py holds the two to each other with
+hypothesis, llhttp as the oracle.
+
 Input that could be read two ways is refused rather than guessed at (request smuggling):
 bare LF or CR, obsolete line folding, whitespace before a colon, Content-Length together
-with Transfer-Encoding, differing Content-Length values, a transfer coding other than a final
-`chunked`.
+with Transfer-Encoding, repeated or list-valued Content-Length, a transfer coding other than
+a final `chunked`. The method may be any token (llhttp knows a fixed list; other tokens are
+checked by it with the field block alone).
 """
 
 from __future__ import annotations
@@ -18,6 +27,8 @@ from __future__ import annotations
 import enum
 import re
 from typing import NamedTuple
+
+import httptools
 
 from gateway.errors import ProtocolError
 
@@ -29,6 +40,7 @@ __all__ = [
     "ResponseHead",
     "parse_request_head",
     "parse_response_head",
+    "upgrade_forward",
 ]
 
 # Hop-by-hop fields (RFC 9110 §7.6.1) and the proxy ones. Transfer-Encoding is kept: bodies
@@ -41,14 +53,16 @@ HOP_BY_HOP = frozenset(
 )  # fmt: skip
 RESERVED_PREFIX = b"x-isthmus-"
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_TARGET = re.compile(rb"[\x21-\x7e]+")  # no spaces, no controls
+# A request-target in a form llhttp also reads (RFC 9112 §3.2): origin (`/...`), asterisk, or
+# absolute (`scheme://authority` then `/` or `?` or nothing; no userinfo); no spaces or
+# controls anywhere. A parser behind us that read the target differently, or refused it, is
+# how requests get smuggled. The authority form is CONNECT's (`_VISIBLE`), refused later.
+_TARGET = re.compile(rb"(?:[/*]|[A-Za-z]+://[A-Za-z0-9.\-:\[\]]*(?=[/?]|$))[\x21-\x7e]*")
+_VISIBLE = re.compile(rb"[\x21-\x7e]+")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # controls except HTAB
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
 _END = b"\r\n\r\n"
 MAX_CHUNK_LINE = 4096
-# A whole field block that follows the rules above, checked in one pass of the regex engine:
-# token names, a colon right after, values without controls (HTAB allowed), CRLF line ends.
-_FIELD_BLOCK = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n)*")
 # The fields a proxy decides on (framing, connection handling, what it drops); every other
 # field is forwarded untouched, so the fast path looks only for these (in a lowered copy).
 _SPECIAL_NAMES = frozenset(
@@ -58,7 +72,6 @@ _SPECIAL_NAMES = frozenset(
         b"te", b"trailer",
     }
 )  # fmt: skip
-_TOKENS_FAST = HOP_BY_HOP | {b"close"}  # Connection tokens that drop nothing more
 _KEEP_ALIVE = frozenset({b"keep-alive"})  # a hop-by-hop name already
 _KEEP_REQUEST = frozenset({b"transfer-encoding", b"content-length", b"host"})
 _KEEP_RESPONSE = frozenset({b"transfer-encoding", b"content-length"})
@@ -82,20 +95,9 @@ _SPECIAL = re.compile(
 # need only the special fields, and leave anything unusual to the general parser.
 _TOKEN_CHARS = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
 _BLOCK = rb"((?:\r\n" + _TOKEN_CHARS + rb"+:[\t\x20-\x7e\x80-\xff]*)*)"
-_REQUEST_FAST = re.compile(_TOKEN_CHARS + rb"+ [\x21-\x7e]+ HTTP/1\.([01])" + _BLOCK)
+_REQUEST_FAST = re.compile(_TOKEN_CHARS + rb"+ [/*][\x21-\x7e]* HTTP/1\.([01])" + _BLOCK)
 _RESPONSE_FAST = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: [\t\x20-\x7e\x80-\xff]*)?" + _BLOCK)
 _CONNECTION_VALUES = (b"close", b"keep-alive")
-# Whole lines of the fields the fast path drops, in the original block (names in any case).
-_CUT_RESPONSE = re.compile(rb"\r\n(?:" + _names(HOP_BY_HOP) + rb"):[^\r]*", re.IGNORECASE)
-_CUT_REQUEST = re.compile(
-    rb"\r\n(?:" + _names(HOP_BY_HOP) + rb"|" + _RESERVED_NAME + rb"):[^\r]*", re.IGNORECASE
-)
-_CUT_REQUEST_EXPECT = re.compile(
-    rb"\r\n(?:" + _names(HOP_BY_HOP | {b"expect"}) + rb"|" + _RESERVED_NAME + rb"):[^\r]*",
-    re.IGNORECASE,
-)
-
-
 class H1Error(ProtocolError):
     """The peer's bytes are not an HTTP/1.1 message we can forward; `status` is the answer."""
 
@@ -146,18 +148,47 @@ def _head(buf: bytes | bytearray, max_size: int) -> tuple[bytes, int] | None:
     return bytes(buf[:end]), end + 4
 
 
-def _fields(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
-    """(lower name, value) per field line. A folded line or whitespace before the colon makes
-    the name fail the token rule; a bare CR or LF fails the value rule."""
-    out: list[tuple[bytes, bytes]] = []
-    for line in lines:
-        name, colon, value = line.partition(b":")
-        if not colon or not _TOKEN.fullmatch(name):
-            raise H1Error(400, "malformed header field")
-        if b"\r" in value or _BAD_VALUE.search(value):
-            raise H1Error(400, "control character in a header value")
-        out.append((name.lower(), value.strip(b" \t")))
-    return out
+_REQUEST_PARSER = httptools.HttpRequestParser
+_RESPONSE_PARSER = httptools.HttpResponseParser
+_PAUSED_UPGRADE = "Pause on CONNECT/Upgrade"  # llhttp's HPE_PAUSED_UPGRADE, after the head
+
+
+class _FieldSink:
+    """httptools callbacks: the fields of one head, (lower name, value without blanks)."""
+
+    __slots__ = ("fields",)
+
+    def __init__(self) -> None:
+        self.fields: list[tuple[bytes, bytes]] = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.fields.append((name.lower(), value.strip(b" \t")))
+
+
+def _llhttp_fields(head: bytes, request: bool) -> list[tuple[bytes, bytes]]:
+    """The fields of `head` (ending before its blank line) as llhttp reads them, in its strict
+    mode; H1Error(400) with llhttp's reason for anything it refuses."""
+    sink = _FieldSink()
+    data = head + _END
+    for attempt in range(2):
+        parser = _REQUEST_PARSER(sink) if request else _RESPONSE_PARSER(sink)
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass  # Upgrade or CONNECT: the head itself parsed; what follows is not ours to read
+        except httptools.HttpParserInvalidMethodError as err:
+            if attempt or not request:
+                raise H1Error(400, f"malformed request line: {err}") from None
+            # A method llhttp does not list: any token is a method (RFC 9110 9.1), so check
+            # the rest of the head under a method it knows.
+            sink.fields.clear()
+            data = b"GET" + data[data.index(b" ") :]
+            continue
+        except httptools.HttpParserError as err:
+            if str(err) != _PAUSED_UPGRADE:  # (a 101 response: the head parsed whole)
+                raise H1Error(400, f"malformed head: {err}") from None
+        return sink.fields
+    raise AssertionError("unreachable")
 
 
 def _connection_tokens(fields: list[tuple[bytes, bytes]]) -> set[bytes]:
@@ -188,7 +219,7 @@ def _framing(fields: list[tuple[bytes, bytes]]) -> tuple[BodyKind | None, int]:
         if found.isdigit() and len(found) <= 18:
             size = int(found)
             return (BodyKind.LENGTH, size) if size else (BodyKind.NONE, 0)
-    lengths = {v for n, v in fields if n == b"content-length"}
+    lengths = [v for n, v in fields if n == b"content-length"]
     codings = [v for n, v in fields if n == b"transfer-encoding"]
     if codings:
         if lengths:
@@ -201,10 +232,9 @@ def _framing(fields: list[tuple[bytes, bytes]]) -> tuple[BodyKind | None, int]:
         return BodyKind.CHUNKED, 0
     if not lengths:
         return None, 0
-    values = {p.strip() for v in lengths for p in v.split(b",")}
-    if len(values) != 1:
-        raise H1Error(400, "conflicting Content-Length")
-    (value,) = values
+    if len(lengths) != 1:  # even with equal values: llhttp refuses them, and so do we
+        raise H1Error(400, "repeated Content-Length")
+    (value,) = lengths
     if not value.isdigit() or len(value) > 18:
         raise H1Error(400, "bad Content-Length")
     n = int(value)
@@ -230,29 +260,21 @@ def _rebuild(
 
 
 class _Fields(NamedTuple):
-    """The fields a decision depends on, from the fast scan or the line-by-line parser."""
+    """A head's field block as llhttp read it."""
 
-    decisive: list[tuple[bytes, bytes]]  # (lower name, value): special fields (fast) or all
-    lines: list[bytes] | None  # line-by-line parse: every field line; None: fast scan
+    decisive: list[tuple[bytes, bytes]]  # (lower name, value) of every field
+    lines: list[bytes]  # every field line, one per field
     tokens: set[bytes]  # of the Connection fields, lowered
 
 
-def _scan(head: bytes, first_end: int) -> _Fields:
-    """The field block after the first line. Fast: one regex pass validates it and a second
-    picks the special fields with their values (lowered: every decision on them ignores case).
-    Falls back to the line-by-line parser, which names the problem, when the block breaks a
-    rule or `Connection` names a field that is not hop-by-hop anyway."""
+def _scan(head: bytes, first_end: int, request: bool) -> _Fields:
+    """The field block after the first line, through llhttp (which names any problem)."""
     if first_end < 0:
-        return _Fields([], None, set())
-    block = head[first_end:] + b"\r\n"  # CRLF <field> CRLF ... <field> CRLF
-    if _FIELD_BLOCK.fullmatch(block, 2) is not None:
-        low = block.lower()
-        decisive = [(n, v.rstrip(b" \t")) for n, v in _SPECIAL.findall(low)]
-        tokens = _connection_tokens(decisive) if decisive else set()
-        if tokens <= _TOKENS_FAST and not (b"close" in tokens and b"\r\nclose:" in low):
-            return _Fields(decisive, None, tokens)
+        return _Fields(_llhttp_fields(head, request), [], set())
     lines = head[first_end + 2 :].split(b"\r\n")
-    fields = _fields(lines)
+    fields = _llhttp_fields(head, request)
+    if len(fields) != len(lines):  # one field per line: llhttp refuses folding, so never
+        raise H1Error(400, "malformed header field")
     return _Fields(fields, lines, _connection_tokens(fields))
 
 
@@ -271,19 +293,11 @@ def _forward(
     drop: frozenset[bytes] | set[bytes],
     prefix: bytes | None,
     extra: bytes,
-    cut: re.Pattern[bytes],
 ) -> bytes:
-    """The head to forward: without the dropped fields, with `extra` lines, ending CRLF CRLF.
-    `cut` matches the lines of exactly the fields the fast scan may drop (`drop` is then a
-    subset of its names: `_scan` makes sure)."""
+    """The head to forward: without the dropped fields, with `extra` lines, ending CRLF CRLF."""
     first = head if first_end < 0 else head[:first_end]
-    if scanned.lines is not None:
-        rebuilt = _rebuild(first, scanned.lines, scanned.decisive, drop, prefix, extra)
-        return head + _END if rebuilt is None else rebuilt
-    for name, _ in scanned.decisive:
-        if name in drop or (prefix is not None and name.startswith(prefix)):
-            return first + cut.sub(b"", head[first_end:]) + b"\r\n" + extra + b"\r\n"
-    return head + b"\r\n" + extra + b"\r\n" if extra else head + _END
+    rebuilt = _rebuild(first, scanned.lines, scanned.decisive, drop, prefix, extra)
+    return head + _END if rebuilt is None else rebuilt
 
 
 def _simple_fields(block: bytes) -> tuple[int, bytes | None, bytes] | None:
@@ -384,13 +398,15 @@ def parse_request_head(buf: bytes | bytearray, max_size: int = 8190) -> RequestH
     if len(parts) != 3:
         raise H1Error(400, "malformed request line")
     method, target, version = parts
-    if not _TOKEN.fullmatch(method) or not _TARGET.fullmatch(target):
+    if not _TOKEN.fullmatch(method) or not (
+        _VISIBLE if method == b"CONNECT" else _TARGET
+    ).fullmatch(target):
         raise H1Error(400, "malformed request line")
     if version not in (b"HTTP/1.1", b"HTTP/1.0"):
         if version.startswith(b"HTTP/") and len(version) == 8:
             raise H1Error(505, "HTTP version not supported")
         raise H1Error(400, "malformed request line")
-    scanned = _scan(head, first_end)
+    scanned = _scan(head, first_end, True)
     fields = scanned.decisive
     tokens = scanned.tokens
     kind, length = _framing(fields)
@@ -411,8 +427,7 @@ def parse_request_head(buf: bytes | bytearray, max_size: int = 8190) -> RequestH
         drop = drop | {b"expect"}  # the proxy answers 100 Continue itself and sends the body
     return RequestHead(
         method.decode("ascii"), target, version, kind, length, keep_alive, expect, upgrade,
-        _forward(head, first_end, scanned, drop, RESERVED_PREFIX, b"",
-                 _CUT_REQUEST_EXPECT if expect else _CUT_REQUEST), size,
+        _forward(head, first_end, scanned, drop, RESERVED_PREFIX, b""), size,
     )  # fmt: skip
 
 
@@ -444,7 +459,7 @@ def parse_response_head(
         raise H1Error(502, "control character in the status line")
     status = int(code)
     try:
-        scanned = _scan(head, first_end)
+        scanned = _scan(head, first_end, False)
         tokens = scanned.tokens
         kind, length = _framing(scanned.decisive)
     except H1Error as err:
@@ -456,7 +471,7 @@ def parse_response_head(
         kind, keep_alive = BodyKind.UNTIL_CLOSE, False
     extra = b"Connection: close\r\n" if kind is BodyKind.UNTIL_CLOSE else b""
     drop = _dropped(tokens, _KEEP_RESPONSE)
-    forward = _forward(head, first_end, scanned, drop, None, extra, _CUT_RESPONSE)
+    forward = _forward(head, first_end, scanned, drop, None, extra)
     return ResponseHead(status, kind, length, keep_alive, forward, size)
 
 
@@ -529,3 +544,14 @@ class BodyScanner:
             elif not line:  # the empty line after the trailers ends the body
                 self.done = True
         return i - start
+
+
+_UPGRADE_LINE = re.compile(rb"\r\nupgrade:[ \t]*([^\r]*)", re.IGNORECASE)
+
+
+def upgrade_forward(raw_head: bytes | bytearray, forward: bytes) -> bytes:
+    """`forward` (a request head cleaned of hop-by-hop fields) with the upgrade asked for in
+    `raw_head` put back: `Connection: upgrade` and its `Upgrade` values. A proxy that relays
+    the upgraded connection must forward both (RFC 9110 7.8)."""
+    values = [v.rstrip(b" \t") for v in _UPGRADE_LINE.findall(bytes(raw_head))]
+    return forward[:-2] + b"Connection: upgrade\r\nUpgrade: " + b", ".join(values) + b"\r\n\r\n"

@@ -1,9 +1,9 @@
-"""Multiplexed tunnels, the I/O shell of `gateway.mux`: many streams on one TLS connection.
+"""Multiplexed tunnels, the I/O glue of `gateway.proto.mux`: many streams on one TLS connection.
 
 `MuxConnection` is the asyncio Protocol of one established, verified mutual-TLS connection
 between an egress (`server=False`, opens streams) and an ingress (`server=True`, accepts them).
 `MuxStream` implements the asyncio Transport interface, so the code that relays or speaks
-HTTP on a TCP or TLS transport (`relay.ProtocolRelay`, `h1upstream.UpstreamConn`) runs on a
+HTTP on a TCP or TLS transport (`l4.relay.ProtocolRelay`, `l7.upstream.UpstreamConn`) runs on a
 stream unchanged: write, writelines, write_eof (FIN), close, abort (RESET), pause_reading and
 resume_reading (flow-control credit), set_write_buffer_limits with pause_writing and
 resume_writing toward the protocol.
@@ -12,22 +12,19 @@ Writes of every stream go into one list that is joined and written to the TLS tr
 per event-loop turn: the frames of many streams share TLS records and a system call. The TLS
 transport's own back-pressure pauses every stream's writer.
 
-Close follows TCP: `close()` sends FIN after the buffered bytes (even if the peer's FIN comes
-first), tells the protocol once the FIN is out (as asyncio transports do after their flush), and
-forgets the stream when the peer's FIN comes (or after `fin_timeout`, with a RESET); bytes that
-arrive after close are answered with RESET.
+A stream's state (flow control, half-close, close, reset, the FIN deadline after a close)
+is its sans-IO `StreamMachine` (gateway/proto/mux.py); `MuxStream` only carries out what the
+machine asks: frames to the connection, calls to the protocol, a timer for its deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import os
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import REGISTRY
@@ -36,20 +33,22 @@ from prometheus_client.registry import Collector
 
 from gateway.closing import abort_transport, close_transport
 from gateway.errors import StreamReset
-from gateway.mux import (
+from gateway.proto.mux import (
     DEFAULT_MAX_PAYLOAD,
     HEADER,
     MAX_TARGET,
     FrameDecoder,
     FrameType,
+    MuxConfig,
     MuxProtocolError,
-    RecvWindow,
-    SendWindow,
+    Op,
+    StreamMachine,
+    StreamState,
+    TunnelShare,
     encode,
     parse_reset,
     parse_window,
     reset_payload,
-    window_payload,
 )
 
 __all__ = ["MuxConfig", "MuxConnection", "MuxStream", "OpenHandler"]
@@ -70,6 +69,7 @@ _FLUSH_AT = 256 << 10
 _JOIN_BELOW = 16 << 10
 
 OpenHandler = Callable[["MuxStream", str], None]
+_OP_DATA, _OP_FRAME, _OP_DELIVER = Op.DATA, Op.FRAME, Op.DELIVER
 
 _LIVE: weakref.WeakSet[MuxConnection] = weakref.WeakSet()  # for the metrics below
 
@@ -104,47 +104,6 @@ class _TunnelCollector(Collector):
 REGISTRY.register(_TunnelCollector())
 
 
-@dataclass(frozen=True, slots=True)
-class MuxConfig:
-    window: int = 8 << 20  # DATA bytes in flight per stream and direction, at most
-    # ... and at first: a stream's window grows from this to `window` while it reads (both
-    # ends must agree on both values: the sender starts with this much credit).
-    initial_window: int = 256 << 10
-    max_streams: int = 4096  # open streams per connection (the ingress refuses more)
-    # Bytes a connection may hold for streams that are not reading (each up to `window`): a
-    # stream that would push the total past this is reset (flow_control), so a peer cannot
-    # make us buffer max_streams x window.
-    max_buffered: int = 256 << 20
-    frame_size: int = 256 << 10  # largest DATA frame we send
-    high_water: int = 1 << 20  # a stream's unsent bytes above this pause its writer
-    low_water: int = 256 << 10
-    tls_high_water: int = 1 << 20  # the TLS transport's buffer above this pauses every stream
-    connections: int = 2  # egress: connections kept per remote gateway
-    open_timeout: float = 5.0  # egress: OPEN until ACCEPT (the ingress connects the endpoint)
-    ping_interval: float = 15.0  # a PING after this long without a frame from the peer
-    ping_timeout: float = 10.0  # ... and the connection is dropped if nothing comes back
-    idle_close: float = 60.0  # egress: a connection without streams this long is closed
-    fin_timeout: float = 30.0  # a closed stream waits this long for the peer's FIN
-
-    def __post_init__(self) -> None:
-        if not 1024 <= self.window <= 1 << 30:
-            raise ValueError("window must be 1 KiB - 1 GiB")
-        if self.initial_window < 1024:
-            raise ValueError("initial_window must be >= 1 KiB")
-        if not 1024 <= self.frame_size <= DEFAULT_MAX_PAYLOAD:
-            raise ValueError(f"frame_size must be 1 KiB - {DEFAULT_MAX_PAYLOAD}")
-        if not 0 <= self.low_water <= self.high_water:
-            raise ValueError("need 0 <= low_water <= high_water")
-        if self.max_streams < 1 or self.connections < 1:
-            raise ValueError("max_streams and connections must be >= 1")
-        if self.max_buffered < self.window:
-            raise ValueError("max_buffered must be >= window")
-        timeouts = (self.open_timeout, self.ping_interval, self.ping_timeout, self.idle_close,
-                    self.fin_timeout)  # fmt: skip
-        if min(timeouts) <= 0:
-            raise ValueError("timeouts must be > 0")
-
-
 class MuxConnection(asyncio.Protocol):
     """Both ends of a multiplexed tunnel; `server` is the ingress side."""
 
@@ -165,14 +124,13 @@ class MuxConnection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._decoder = FrameDecoder(DEFAULT_MAX_PAYLOAD)
         self.streams: dict[int, MuxStream] = {}
-        self.buffered = 0  # bytes held for streams that are not reading
+        self.share = TunnelShare()  # bytes held for streams not reading; our writes paused
         self._next_id = 1
         self._last_peer_id = 0
         self._out: list[bytes] = []
         self._out_size = 0
         self._flush_scheduled = False
         self.transport: asyncio.Transport | None = None
-        self.write_paused = False
         self.going_away = False  # GOAWAY sent or received: no new streams
         self.lost = False
         self.closed: asyncio.Future[None] = self._loop.create_future()
@@ -181,6 +139,15 @@ class MuxConnection(asyncio.Protocol):
         self.opened = 0  # streams opened over the connection's life
         self._ping_handle: asyncio.TimerHandle | None = None
         self._early: list[bytes] | None = [] if server and on_open is None else None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for streams that are not reading."""
+        return self.share.buffered
+
+    @property
+    def write_paused(self) -> bool:
+        return self.share.write_paused
 
     def set_open_handler(self, on_open: OpenHandler) -> None:
         """Ingress: serve streams from now on (bytes that came before wait until here)."""
@@ -224,12 +191,12 @@ class MuxConnection(asyncio.Protocol):
         return False
 
     def pause_writing(self) -> None:
-        self.write_paused = True
+        self.share.write_paused = True
         for stream in list(self.streams.values()):
             stream._update_pause()
 
     def resume_writing(self) -> None:
-        self.write_paused = False
+        self.share.write_paused = False
         for stream in list(self.streams.values()):
             stream._update_pause()
 
@@ -395,8 +362,7 @@ class MuxConnection(asyncio.Protocol):
             raise ValueError(f"target of {len(name)} bytes, limit {MAX_TARGET}")
         sid = self._next_id
         self._next_id += 2
-        stream = MuxStream(self, sid, target)
-        stream.accepted = self._loop.create_future()
+        stream = MuxStream(self, sid, target, opening=True)
         self.streams[sid] = stream
         self.opened += 1
         self._queue(encode(FrameType.OPEN, sid, name))
@@ -456,57 +422,113 @@ class MuxConnection(asyncio.Protocol):
 
 
 class MuxStream(asyncio.Transport):
-    """One stream of a `MuxConnection`, with the asyncio Transport interface."""
+    """One stream of a `MuxConnection`, with the asyncio Transport interface: glue between
+    the user's protocol, the event loop and the stream's sans-IO `StreamMachine`."""
 
-    def __init__(self, conn: MuxConnection, sid: int, target: str) -> None:
+    def __init__(self, conn: MuxConnection, sid: int, target: str, opening: bool = False) -> None:
         super().__init__()
         self._conn = conn
         self.id = sid
         self.target = target
-        self.accepted: asyncio.Future[None] | None = None  # egress side, until ACCEPT or RESET
-        cfg = conn.config
-        first = min(cfg.initial_window, cfg.window)
-        self._send = SendWindow(first)
-        self._recv = RecvWindow(first, cfg.window)
+        self.m = StreamMachine(sid, conn.config, conn.share, opening, time.monotonic)
+        # egress side, until ACCEPT or RESET
+        self.accepted: asyncio.Future[None] | None = conn._loop.create_future() if opening else None
         self._protocol: asyncio.BaseProtocol | None = None
-        self._pending: collections.deque[bytes] = collections.deque()
-        self._pending_size = 0
-        self._high = cfg.high_water
-        self._low = cfg.low_water
-        self._writer_paused = False
-        self._read_paused = False
-        self._rbuf: collections.deque[bytes] = collections.deque()
-        self._rbuf_size = 0
-        self._rfin = False  # FIN arrived behind buffered bytes
-        self._deliver_scheduled = False
-        self.local_fin = False  # FIN queued (after the pending bytes)
-        self._fin_sent = False
-        self.remote_fin = False
-        self._closing = False
-        self._done = False  # forgotten by the connection
-        self._notified = False  # protocol.connection_lost called
-        self._lost_exc: Exception | None = None
-        self._fin_timer: asyncio.TimerHandle | None = None
-        self.sent = 0
-        self.received = 0
+        self._timer: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
-        return f"<MuxStream {self.id} {self.target} via {self._conn.label}>"
+        return f"<MuxStream {self.id} {self.target} {self.m.state.value} via {self._conn.label}>"
 
     @property
     def connection(self) -> MuxConnection:
         return self._conn
 
+    @property
+    def state(self) -> StreamState:
+        return self.m.state
+
+    @property
+    def local_fin(self) -> bool:
+        return self.m.local_fin
+
+    @property
+    def remote_fin(self) -> bool:
+        return self.m.remote_fin
+
+    @property
+    def sent(self) -> int:
+        return self.m.sent
+
+    @property
+    def received(self) -> int:
+        return self.m.received
+
+    # --- carrying out the machine's commands ------------------------------------------------
+
+    def _run(self, commands: list[tuple]) -> None:
+        conn = self._conn
+        for cmd in commands:
+            op = cmd[0]
+            if op is _OP_DATA:
+                conn.send_data(self.id, cmd[1])
+            elif op is _OP_DELIVER:
+                data = cmd[1]
+                try:
+                    self._protocol.data_received(data)  # type: ignore[union-attr]
+                except Exception as exc:  # a protocol bug must not take the tunnel down
+                    log.exception("stream protocol failed", extra={"stream": self.id})
+                    self._run(self.m.fail("internal_error", repr(exc)))
+                    return
+                self._run(self.m.delivered(len(data)))
+            elif op is _OP_FRAME:
+                conn.send_frame(cmd[1], self.id, cmd[2])
+            elif op is Op.DELIVER_EOF:
+                try:
+                    keep_open = self._protocol.eof_received()  # type: ignore[union-attr]
+                except Exception as exc:
+                    log.exception("stream protocol failed", extra={"stream": self.id})
+                    self._run(self.m.fail("internal_error", repr(exc)))
+                    return
+                self._run(self.m.eof_delivered(bool(keep_open)))
+            elif op is Op.DELIVER_LATER:
+                conn._loop.call_soon(self._deliver_buffered)
+            elif op is Op.PAUSE_WRITER:
+                self._protocol.pause_writing()  # type: ignore[union-attr]
+            elif op is Op.RESUME_WRITER:
+                self._protocol.resume_writing()  # type: ignore[union-attr]
+            elif op is Op.LOST:
+                conn._loop.call_soon(self._protocol.connection_lost, cmd[1])  # type: ignore[union-attr]
+            elif op is Op.FORGET:
+                conn.forget(self)
+            elif op is Op.ACCEPTED:
+                fut = self.accepted
+                if fut is not None and not fut.done():
+                    if cmd[1] is None:
+                        fut.set_result(None)
+                    else:
+                        fut.set_exception(cmd[1])
+                        fut.exception()  # retrieved: the opener may be gone already
+            elif op is Op.DEADLINE:
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
+                if cmd[1] is not None:
+                    delay = max(0.0, cmd[1] - time.monotonic())
+                    self._timer = conn._loop.call_later(delay, self._on_timer)
+
+    def _deliver_buffered(self) -> None:
+        while commands := self.m.deliver_next():
+            self._run(commands)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._run(self.m.timer(time.monotonic()))
+
     # --- Transport: protocol and extra info -----------------------------------------------
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         self._protocol = protocol
-        if self._done or (self._closing and self._fin_sent):
-            # Reset, lost or closed before anyone listened: say so now, or the new protocol
-            # (e.g. a relay) waits for an end that already happened.
-            self._notify(self._lost_exc)
-        elif self._rbuf or self._rfin:
-            self._schedule_delivery()
+        self._run(self.m.attach())
 
     def get_protocol(self) -> asyncio.BaseProtocol:
         return self._protocol  # type: ignore[return-value]
@@ -518,130 +540,28 @@ class MuxStream(asyncio.Transport):
         return transport.get_extra_info(name, default) if transport is not None else default
 
     def is_closing(self) -> bool:
-        return self._closing or self._done
+        return self.m.closing
 
     # --- Transport: reading ---------------------------------------------------------------
 
     def is_reading(self) -> bool:
-        return not self._read_paused and not self._done
+        return not self.m.read_paused and self.m.state is not StreamState.CLOSED
 
     def pause_reading(self) -> None:
-        self._read_paused = True
+        self.m.read_paused = True
 
     def resume_reading(self) -> None:
-        if not self._read_paused:
-            return
-        self._read_paused = False
-        if self._rbuf or self._rfin:
-            self._schedule_delivery()
-        elif self._recv.consumed and not self._done:
-            self._conn.send_frame(FrameType.WINDOW, self.id, window_payload(self._recv.release()))
-
-    def _schedule_delivery(self) -> None:
-        if not self._deliver_scheduled:
-            self._deliver_scheduled = True
-            self._conn._loop.call_soon(self._deliver_buffered)
-
-    def _deliver_buffered(self) -> None:
-        self._deliver_scheduled = False
-        while self._rbuf and self._can_deliver():
-            data = self._rbuf.popleft()
-            self._rbuf_size -= len(data)
-            self._conn.buffered -= len(data)
-            self._deliver(data)
-        if not self._rbuf and self._rfin and self._can_deliver():
-            self._rfin = False
-            self._deliver_eof()
-        if not self._read_paused and self._recv.consumed and not self._done:
-            self._conn.send_frame(FrameType.WINDOW, self.id, window_payload(self._recv.release()))
-
-    def _can_deliver(self) -> bool:
-        return self._protocol is not None and not self._read_paused and not self._done
-
-    def _on_data(self, payload: bytes) -> None:
-        if self._closing:  # TCP: bytes after close are answered with a reset
-            self._conn.send_reset(self.id, "closed", "the stream was closed")
-            self._finish()
-            # Told already if our FIN went out; if bytes still waited for window, they are lost.
-            self._notify(StreamReset("closed", "bytes arrived after close"))
-            return
-        n = len(payload)
-        try:
-            self._recv.receive(n)
-        except MuxProtocolError as err:
-            self._fail("flow_control", str(err))
-            return
-        self.received += n
-        if self._rbuf or self._protocol is None or self._read_paused:
-            conn = self._conn
-            if conn.buffered + n > conn.config.max_buffered:
-                self._fail("flow_control", "the tunnel's receive buffers are full")
-                return
-            self._rbuf.append(payload)
-            self._rbuf_size += n
-            conn.buffered += n
-        else:
-            self._deliver(payload)
-
-    def _deliver(self, payload: bytes) -> None:
-        try:
-            self._protocol.data_received(payload)  # type: ignore[union-attr]
-        except Exception as exc:  # a protocol bug must not take the tunnel down
-            log.exception("stream protocol failed", extra={"stream": self.id})
-            self._fail("internal_error", repr(exc))
-            return
-        # Credit for bytes handed on, even if the protocol paused while taking them: they left
-        # our buffers, and what comes next waits in `_rbuf`, which the window bounds. Holding
-        # the credit as well left the sender idle for a pause's length each time (bulk: 707
-        # credit stalls per GiB, 0.77x HAProxy).
-        conn = self._conn
-        inc = self._recv.consume(len(payload), grow=conn.buffered < conn.config.max_buffered // 2)
-        if inc and not self._done:
-            self._conn.send_frame(FrameType.WINDOW, self.id, window_payload(inc))
-
-    def _on_fin(self) -> None:
-        self.remote_fin = True
-        if self._closing:
-            if self._fin_sent:  # else our FIN waits behind buffered bytes; sending it finishes
-                self._finish()
-            return
-        if self._rbuf or not self._can_deliver():
-            self._rfin = True
-            return
-        self._deliver_eof()
-
-    def _deliver_eof(self) -> None:
-        try:
-            keep_open = self._protocol.eof_received()  # type: ignore[union-attr]
-        except Exception as exc:
-            log.exception("stream protocol failed", extra={"stream": self.id})
-            self._fail("internal_error", repr(exc))
-            return
-        if not keep_open:
-            self.close()
+        self._run(self.m.resume_reading())
 
     # --- Transport: writing ---------------------------------------------------------------
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self.local_fin or self._done:
-            return  # asyncio transports drop (and warn about) writes after close as well
         if type(data) is not bytes:
             data = bytes(data)
-        n = len(data)
-        if not n:
+        if self.m.send_now(len(data)):  # the usual case, without a command list
+            self._conn.send_data(self.id, data)  # type: ignore[arg-type]
             return
-        self.sent += n
-        if not self._pending:
-            take = self._send.take(n)
-            if take == n:
-                self._conn.send_data(self.id, data)  # type: ignore[arg-type]
-                return
-            if take:
-                self._conn.send_data(self.id, data[:take])  # type: ignore[arg-type]
-                data = data[take:]
-        self._pending.append(data)  # type: ignore[arg-type]
-        self._pending_size += len(data)
-        self._update_pause()
+        self._run(self.m.write(data))  # type: ignore[arg-type]
 
     def writelines(self, list_of_data: Any) -> None:
         self.write(b"".join(list_of_data))
@@ -650,40 +570,13 @@ class MuxStream(asyncio.Transport):
         return True
 
     def write_eof(self) -> None:
-        if self.local_fin or self._done:
-            return
-        self.local_fin = True
-        if not self._pending:
-            self._send_fin()
-
-    def _send_fin(self) -> None:
-        self._fin_sent = True
-        self._conn.send_frame(FrameType.FIN, self.id)
-        if self._closing:
-            self._after_close()
-
-    def _on_window(self, increment: int) -> None:
-        self._send.grant(increment)
-        pending = self._pending
-        while pending and self._send.credit:
-            chunk = pending[0]
-            take = self._send.take(len(chunk))
-            if take == len(chunk):
-                pending.popleft()
-            else:
-                pending[0] = chunk[take:]
-                chunk = chunk[:take]
-            self._pending_size -= take
-            self._conn.send_data(self.id, chunk)
-        if not pending and self.local_fin and not self._fin_sent:
-            self._send_fin()
-        self._update_pause()
+        self._run(self.m.write_eof())
 
     def get_write_buffer_size(self) -> int:
-        return self._pending_size
+        return self.m.pending_size
 
     def get_write_buffer_limits(self) -> tuple[int, int]:
-        return self._low, self._high
+        return self.m.low, self.m.high
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         if high is None:
@@ -692,126 +585,57 @@ class MuxStream(asyncio.Transport):
             low = high // 4
         if not high >= low >= 0:
             raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
-        self._high, self._low = high, low
-        self._update_pause()
-
-    def _update_pause(self) -> None:
-        protocol = self._protocol
-        if protocol is None or self._done:
-            return
-        if self._pending_size > self._high or self._conn.write_paused:
-            if not self._writer_paused:
-                self._writer_paused = True
-                protocol.pause_writing()
-        elif self._writer_paused and self._pending_size <= self._low:
-            self._writer_paused = False
-            protocol.resume_writing()
+        self._run(self.m.set_write_buffer_limits(high, low))
 
     # --- Transport: ending ----------------------------------------------------------------
 
     def close(self) -> None:
         """FIN after the buffered bytes; the protocol learns (connection_lost) once it is out."""
-        if self._closing or self._done:
-            return
-        self._closing = True
-        self._drop_rbuf()
-        self._rfin = False
-        if not self.local_fin:
-            self.write_eof()
-        elif self._fin_sent:
-            self._after_close()
-        if self.accepted is not None and not self.accepted.done():
-            self.accepted.set_exception(StreamReset("closed", "closed before it was accepted"))
-            self.accepted.exception()
-
-    def _after_close(self) -> None:
-        self._notify(None)
-        if self.remote_fin:
-            self._finish()
-        else:
-            self._fin_timer = self._conn._loop.call_later(
-                self._conn.config.fin_timeout, self._fin_timed_out
-            )
-
-    def _fin_timed_out(self) -> None:
-        self._fin_timer = None
-        if not self._done:
-            self._conn.send_reset(self.id, "fin_timeout", "no FIN after close")
-            self._finish()
+        self._run(self.m.close())
 
     def abort(self) -> None:
         self.reset("aborted")
 
     def reset(self, reason: str, detail: str = "") -> None:
         """End both directions now, telling the peer why."""
-        if self._done:
-            return
-        self._conn.send_reset(self.id, reason, detail)
-        self._closing = True
-        self._finish()
-        if self.accepted is not None and not self.accepted.done():
-            self.accepted.set_exception(StreamReset(reason, detail))
-            self.accepted.exception()
-        self._notify(None)
+        self._run(self.m.reset(reason, detail))
 
     def accept(self) -> None:
         """Ingress side: the endpoint is connected; the egress may send."""
-        self._conn.send_frame(FrameType.ACCEPT, self.id)
+        self._run(self.m.accept())
+
+    # --- frames from the connection -------------------------------------------------------
+
+    def _on_data(self, payload: bytes) -> None:
+        m = self.m
+        if not m.receive_now(len(payload)):
+            self._run(m.on_data(payload))
+            return
+        # The usual case, without a command list: straight to the protocol, then credit.
+        try:
+            self._protocol.data_received(payload)  # type: ignore[union-attr]
+        except Exception as exc:  # a protocol bug must not take the tunnel down
+            log.exception("stream protocol failed", extra={"stream": self.id})
+            self._run(m.fail("internal_error", repr(exc)))
+            return
+        credit = m.delivered(len(payload))
+        if credit:
+            self._run(credit)
+
+    def _on_fin(self) -> None:
+        self._run(self.m.on_fin())
+
+    def _on_window(self, increment: int) -> None:
+        self._run(self.m.on_window(increment))
 
     def _on_accept(self) -> None:
-        if self.accepted is not None and not self.accepted.done():
-            self.accepted.set_result(None)
+        self._run(self.m.on_accept())
 
     def _on_reset(self, reason: str, detail: str) -> None:
-        self._finish()
-        exc = StreamReset(reason, detail)
-        if self.accepted is not None and not self.accepted.done():
-            self.accepted.set_exception(exc)
-            self.accepted.exception()
-        self._notify(exc)
+        self._run(self.m.on_reset(reason, detail))
 
-    def _fail(self, reason: str, detail: str) -> None:
-        self._conn.send_reset(self.id, reason, detail)
-        self._finish()
-        self._notify(StreamReset(reason, detail))
+    def _update_pause(self) -> None:
+        self._run(self.m.update_pause())
 
     def _on_connection_lost(self, exc: Exception | None) -> None:
-        self._done = True
-        self._drop_rbuf()
-        self._cancel_timer()
-        err = StreamReset("tunnel_lost", repr(exc) if exc else "the tunnel closed")
-        if self.accepted is not None and not self.accepted.done():
-            self.accepted.set_exception(err)
-            self.accepted.exception()
-        self._notify(err)
-
-    def _finish(self) -> None:
-        if self._done:
-            return
-        self._done = True
-        self._cancel_timer()
-        self._drop_rbuf()
-        self._pending.clear()
-        self._pending_size = 0
-        self._conn.forget(self)
-
-    def _drop_rbuf(self) -> None:
-        self._rbuf.clear()
-        self._conn.buffered -= self._rbuf_size
-        self._rbuf_size = 0
-
-    def _cancel_timer(self) -> None:
-        if self._fin_timer is not None:
-            self._fin_timer.cancel()
-            self._fin_timer = None
-
-    def _notify(self, exc: Exception | None) -> None:
-        """Tell the protocol the stream is over, once; a stream that ends before it has a
-        protocol tells the one `set_protocol` attaches later."""
-        if self._notified:
-            return
-        self._lost_exc = exc
-        protocol = self._protocol
-        if protocol is not None:
-            self._notified = True
-            self._conn._loop.call_soon(protocol.connection_lost, exc)
+        self._run(self.m.on_tunnel_lost(exc))
