@@ -8,9 +8,10 @@ caller words the error for its own key or token from `AddressError.reason`.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Literal
 
-__all__ = ["AddressError", "join_host_port", "split_host_port"]
+__all__ = ["AddressError", "join_host_port", "source_of", "split_host_port"]
 
 MAX_PORT = 65535
 
@@ -52,3 +53,18 @@ def split_host_port(
 def join_host_port(host: str, port: int) -> str:
     """The inverse: IPv6 hosts in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def source_of(host: str) -> str:
+    """The source a per-source limit counts (the gateway's admission, the resolver's TCP
+    listener): an IPv4 address (also when IPv4-mapped), or the /64 of an IPv6 address, since
+    one host commonly owns a whole /64."""
+    if ":" not in host:
+        return host  # IPv4: the common case costs no parsing
+    try:
+        ip = ipaddress.IPv6Address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((ip, 64), strict=False))

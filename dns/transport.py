@@ -13,7 +13,6 @@ fast path when it can be (a stored answer: no Request, no chain) and by the Mux 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import socket
 import struct
@@ -22,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from discovery.addresses import source_of
 from dns.errors import DnsError
 from dns.fastpath import FastPath
 from dns.metrics import MALFORMED, TCP_REFUSED
@@ -57,20 +57,6 @@ class TcpLimits:
     def __post_init__(self) -> None:
         if self.max_connections < 1 or self.max_connections_per_source < 1:
             raise ValueError(f"TCP connection limits must be at least 1: {self}")
-
-
-def source_of(host: str) -> str:
-    """The source a per-source cap counts: an IPv4 address (also when IPv4-mapped), or the /64
-    of an IPv6 address (one host commonly owns a whole /64)."""
-    if ":" not in host:
-        return host
-    try:
-        ip = ipaddress.IPv6Address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    if ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ipaddress.IPv6Network((ip, 64), strict=False))
 
 
 class Mux:

@@ -29,6 +29,8 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from discovery.addresses import source_of
+
 __all__ = [
     "ConnectionSlots",
     "Full",
@@ -40,19 +42,6 @@ __all__ = [
 ]
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def source_of(host: str) -> str:
-    """The source a per-source limit counts: an IPv4 address, or the /64 of an IPv6 one."""
-    if ":" not in host:
-        return host  # IPv4: the common case costs no parsing
-    try:
-        ip = ipaddress.IPv6Address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    if ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ipaddress.IPv6Network((ip, 64), strict=False))
 
 
 def parse_networks(values: Iterable[str]) -> tuple[IpNetwork, ...]:
