@@ -55,6 +55,7 @@ __all__ = [
     "REJECTIONS",
     "REQUESTS",
     "REQUEST_DURATION",
+    "TUNNEL_SILENT",
     "Flow",
     "GatewayKind",
     "Outcome",
@@ -279,6 +280,13 @@ REJECTIONS = Counter(
     "isthmus_rejections_total",
     "Connections refused before routing (bad ClientHello, unknown SNI, limits), by reason",
     ["gateway", "cluster", "reason"],
+)
+
+# Egress: a tunnel connection whose peer answered neither an OPEN nor the PING that followed
+# (gateway/proto/liveness.py): its waiting OPENs failed at once, and it took no new streams.
+TUNNEL_SILENT = Counter(
+    "isthmus_tunnel_silent_total",
+    "Egress tunnel connections found silent by the OPEN probe (their waiting OPENs failed fast)",
 )
 
 

@@ -374,7 +374,10 @@ class Appliance:
             vip_cidr=cfg.egress.vip_cidr,
             reuse_port=cfg.workers > 1,
             multiplex=cfg.egress.multiplex,
-            mux=MuxConfig(connections=cfg.egress.tunnel_connections),
+            mux=MuxConfig(
+                connections=cfg.egress.tunnel_connections,
+                probe_timeout=cfg.egress.tunnel_probe_timeout,
+            ),
             max_listeners=self.listener_budget,
         )
         if cfg.workers == 1:

@@ -268,6 +268,9 @@ class EgressSection(_Section):
     # remote ingress); false gives every client connection a TLS connection of its own.
     multiplex: StrictBool = True
     tunnel_connections: Annotated[StrictInt, Field(ge=1, le=64)] = 2
+    # A tunnel OPEN unanswered for 0.5 s, with nothing heard from the peer since, sends a PING;
+    # no frame back within this and the tunnel's waiting OPENs fail at once (retried elsewhere).
+    tunnel_probe_timeout: Annotated[float, _duration_between(0.1, 60.0)] = 1.0
     # VIP listeners (file descriptors) at most; null: a quarter of the open-file limit.
     max_listeners: Annotated[StrictInt, Field(ge=1, le=1_000_000)] | None = None
 

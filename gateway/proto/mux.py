@@ -296,6 +296,11 @@ class MuxConfig:
     tls_high_water: int = 1 << 20  # the TLS transport's buffer above this pauses every stream
     connections: int = 2  # egress: connections kept per remote gateway
     open_timeout: float = 5.0  # egress: OPEN until ACCEPT (the ingress connects the endpoint)
+    # egress: an OPEN unanswered this long, with no frame from the peer since it went, sends a
+    # PING; no frame back within probe_timeout and the connection's OPENs fail at once (a cut
+    # link is noticed in ~1.5 s instead of open_timeout: gateway/proto/liveness.py).
+    open_probe_after: float = 0.5
+    probe_timeout: float = 1.0
     ping_interval: float = 15.0  # a PING after this long without a frame from the peer
     ping_timeout: float = 10.0  # ... and the connection is dropped if nothing comes back
     idle_close: float = 60.0  # egress: a connection without streams this long is closed
@@ -315,7 +320,7 @@ class MuxConfig:
         if self.max_buffered < self.window:
             raise ValueError("max_buffered must be >= window")
         timeouts = (self.open_timeout, self.ping_interval, self.ping_timeout, self.idle_close,
-                    self.fin_timeout)  # fmt: skip
+                    self.fin_timeout, self.open_probe_after, self.probe_timeout)  # fmt: skip
         if min(timeouts) <= 0:
             raise ValueError("timeouts must be > 0")
 

@@ -94,7 +94,7 @@ class TunnelClient:
         except StreamReset as err:
             outcome = (
                 Outcome.CONNECT_TIMEOUT
-                if err.reason == "connect_timeout"
+                if err.reason in ("connect_timeout", "tunnel_silent")
                 else (Outcome.CONNECT_ERROR)
             )
             raise ConnectFailed(f"{gateway}: {err}", outcome) from err
@@ -126,6 +126,12 @@ class TunnelClient:
             task.add_done_callback(lambda t, g=gateway: self._dialed(g, t))
         if live:
             return min(live, key=_load)
+        if any(c.suspect and not c.lost for c in conns or ()):
+            # The peer answers nothing on the connections we have: fail now, so that the
+            # caller retries another target, rather than wait for a dial that hangs as well.
+            raise ConnectFailed(
+                f"{gateway}: tunnel silent, no connection takes streams", Outcome.CONNECT_TIMEOUT
+            )
         return await asyncio.shield(self._dialing[gateway])
 
     async def _dial(self, gateway: str, cluster: str, trust_domain: str) -> MuxConnection:

@@ -33,6 +33,8 @@ from prometheus_client.registry import Collector
 
 from gateway.closing import abort_transport, close_transport
 from gateway.errors import StreamReset
+from gateway.metrics import TUNNEL_SILENT
+from gateway.proto.liveness import OpenProbe
 from gateway.proto.mux import (
     DEFAULT_MAX_PAYLOAD,
     HEADER,
@@ -138,6 +140,9 @@ class MuxConnection(asyncio.Protocol):
         self.last_received = self.idle_since
         self.opened = 0  # streams opened over the connection's life
         self._ping_handle: asyncio.TimerHandle | None = None
+        # egress: unanswered OPENs probe the peer with a PING (gateway/proto/liveness.py)
+        self._probe = None if server else OpenProbe(config.open_probe_after, config.probe_timeout)
+        self._probe_handle: asyncio.TimerHandle | None = None
         self._early: list[bytes] | None = [] if server and on_open is None else None
 
     @property
@@ -166,7 +171,10 @@ class MuxConnection(asyncio.Protocol):
         self._ping_handle = self._loop.call_later(self.config.ping_interval, self._keepalive)
 
     def data_received(self, data: bytes) -> None:
-        self.last_received = time.monotonic()
+        self.last_received = now = time.monotonic()
+        probe = self._probe
+        if probe is not None and probe.ping_at is not None:
+            self._probe_heard(now)
         if self._early is not None:  # the peer is not verified yet
             self._early.append(data)
             if sum(map(len, self._early)) > 1 << 20:
@@ -205,6 +213,9 @@ class MuxConnection(asyncio.Protocol):
         self.going_away = True
         if self._ping_handle is not None:
             self._ping_handle.cancel()
+        if self._probe_handle is not None:
+            self._probe_handle.cancel()
+            self._probe_handle = None
         self._out.clear()
         self._out_size = 0
         streams, self.streams = list(self.streams.values()), {}
@@ -342,10 +353,16 @@ class MuxConnection(asyncio.Protocol):
     # --- streams ----------------------------------------------------------------------------
 
     @property
+    def suspect(self) -> bool:
+        """Egress: the peer answered neither an OPEN nor the PING after it (no new streams)."""
+        return self._probe is not None and self._probe.suspect
+
+    @property
     def usable(self) -> bool:
         """Open to new streams (egress side)."""
         return (
-            not self.lost and not self.going_away and self.transport is not None
+            not self.lost and not self.going_away and not self.suspect
+            and self.transport is not None
             and not self.transport.is_closing() and self._next_id < _MAX_STREAM_ID
             and len(self.streams) < self.config.max_streams
         )  # fmt: skip
@@ -355,6 +372,8 @@ class MuxConnection(asyncio.Protocol):
         if self.server:
             raise RuntimeError("only the egress side opens streams")
         if not self.usable:
+            if self.suspect and not self.lost:
+                raise StreamReset("tunnel_silent", f"tunnel to {self.label} answers nothing")
             raise StreamReset("going_away", f"tunnel to {self.label} takes no new streams")
         # Checked here: the peer would take a bad OPEN for broken framing and drop every stream.
         name = target.encode("ascii")  # UnicodeEncodeError is a ValueError
@@ -366,11 +385,22 @@ class MuxConnection(asyncio.Protocol):
         self.streams[sid] = stream
         self.opened += 1
         self._queue(encode(FrameType.OPEN, sid, name))
+        probe = self._probe
+        if probe is not None:
+            due = probe.opened(sid, time.monotonic())
+            if self._probe_handle is None:  # a pending check is due no later than this one
+                self._probe_at(due)
         return stream
+
+    def settled(self, sid: int) -> None:
+        """Egress: stream `sid` got its ACCEPT or RESET (or ended): no longer a probe's cause."""
+        if self._probe is not None:
+            self._probe.settled(sid)
 
     def forget(self, stream: MuxStream) -> None:
         if self.streams.get(stream.id) is stream:
             del self.streams[stream.id]
+            self.settled(stream.id)
             if not self.streams:
                 self.idle_since = time.monotonic()
                 self._maybe_close_idle()
@@ -399,6 +429,41 @@ class MuxConnection(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None and not self.lost:
             abort_transport(self.transport)
+
+    def _probe_at(self, when: float) -> None:
+        delay = max(0.0, when - time.monotonic())
+        self._probe_handle = self._loop.call_later(delay, self._probe_check)
+
+    def _probe_check(self) -> None:
+        self._probe_handle = None
+        probe = self._probe
+        if probe is None or self.lost:
+            return
+        now = time.monotonic()
+        step = probe.check(now, self.last_received)
+        if step.ping:
+            self.send_frame(FrameType.PING, 0, os.urandom(8))
+        silent = now - self.last_received
+        if step.turned_suspect:
+            TUNNEL_SILENT.inc()
+            log.warning(
+                "tunnel peer silent, opens failed fast",
+                extra={"peer": self.label, "silent_s": round(silent, 1),
+                       "opens_failed": len(step.fail)},
+            )  # fmt: skip
+        for sid in step.fail:
+            stream = self.streams.get(sid)
+            if stream is not None and stream.m.awaiting_accept:
+                stream.reset("tunnel_silent", f"no frame from the peer for {silent:.1f}s")
+        if step.wake is not None:
+            self._probe_at(step.wake)
+
+    def _probe_heard(self, now: float) -> None:
+        assert self._probe is not None
+        silent = self._probe.heard(now)
+        if silent is not None:
+            log.info("tunnel peer heard again, takes streams",
+                     extra={"peer": self.label, "silent_s": round(silent, 1)})  # fmt: skip
 
     def _keepalive(self) -> None:
         self._ping_handle = None
@@ -501,6 +566,7 @@ class MuxStream(asyncio.Transport):
             elif op is Op.FORGET:
                 conn.forget(self)
             elif op is Op.ACCEPTED:
+                conn.settled(self.id)
                 fut = self.accepted
                 if fut is not None and not fut.done():
                     if cmd[1] is None:

@@ -188,6 +188,18 @@ def test_tunnel_settings() -> None:
     assert paths == ["egress.multiplex", "egress.tunnel_connections"]
 
 
+def test_tunnel_probe_timeout() -> None:
+    base = {"cluster": "east", "trust_domain": "mesh.test"}
+    assert configmod.validate(base).egress.tunnel_probe_timeout == 1.0
+    cfg = configmod.validate({**base, "egress": {"tunnel_probe_timeout": "250ms"}})
+    assert cfg.egress.tunnel_probe_timeout == 0.25
+    for bad in ("50ms", "2m", "soon"):
+        with pytest.raises(ConfigError) as e:
+            configmod.validate({**base, "egress": {"tunnel_probe_timeout": bad}})
+        (problem,) = e.value.problems
+        assert problem.startswith("egress.tunnel_probe_timeout"), problem
+
+
 def test_listener_limits() -> None:
     base = {"cluster": "east", "trust_domain": "mesh.test"}
     cfg = configmod.validate(base)

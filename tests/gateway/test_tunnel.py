@@ -26,7 +26,15 @@ from gw_topology import TD, Pki
 from federation.trust.contexts import client_context, server_context
 from gateway.errors import StreamReset
 from gateway.l4.relay import ProtocolRelay, RelayConfig, RelayOutcome
-from gateway.proto.mux import HEADER, MAX_TARGET, FrameDecoder, FrameType, encode, parse_reset
+from gateway.proto.mux import (
+    HEADER,
+    MAX_TARGET,
+    FrameDecoder,
+    FrameType,
+    StreamState,
+    encode,
+    parse_reset,
+)
 from gateway.proto.mux import window_payload as window
 from gateway.proto.sni import tunnel_sni
 from gateway.tunnel.transport import MuxConfig, MuxConnection, MuxStream
@@ -913,6 +921,53 @@ async def test_silent_peer_is_dropped(pki: Pki) -> None:
         assert await peer.reset_reason() == "tunnel_lost"
         await raw.closed
 
+
+
+async def test_a_slow_open_on_a_live_peer_keeps_waiting(pki: Pki) -> None:
+    """The OPEN probe's PING is answered (an ingress still connecting its endpoint): the OPEN
+    waits for its ACCEPT as before, and the connection is not suspect."""
+    config = MuxConfig(open_timeout=30.0, open_probe_after=0.05, probe_timeout=0.1)
+    async with asyncio.timeout(LIMIT), raw_server(pki, config, answer_pings=True) as (raw, conn):
+        stream = conn.open(TARGET)
+        attach(stream, Peer())
+        await raw.frame(FrameType.PING, 0)  # the probe
+        await asyncio.sleep(0.5)  # several probe timeouts: its PONG kept the OPEN waiting
+        assert not conn.suspect and stream.state is StreamState.OPENING
+        assert sum(k == FrameType.PING for k, _, _ in raw.frames) == 1  # one probe per silence
+        raw.send(FrameType.ACCEPT, 1)
+        assert stream.accepted is not None
+        await stream.accepted
+
+
+async def test_an_unanswered_open_fails_on_a_silent_peer(pki: Pki) -> None:
+    config = MuxConfig(open_timeout=30.0, open_probe_after=0.05, probe_timeout=0.1)
+    async with asyncio.timeout(LIMIT), raw_server(pki, config) as (raw, conn):
+        opened = await open_accepted(raw, conn)
+        stream = conn.open(TARGET)
+        attach(stream, Peer())
+        assert stream.accepted is not None
+        with pytest.raises(StreamReset) as info:
+            await stream.accepted
+        assert info.value.reason == "tunnel_silent"
+        assert parse_reset(await raw.frame(FrameType.RESET, 3))[0] == "tunnel_silent"
+        assert conn.suspect and not conn.usable
+        with pytest.raises(StreamReset) as refused:
+            conn.open(TARGET)
+        assert refused.value.reason == "tunnel_silent"
+        assert opened.state is StreamState.OPEN  # an established stream is left alone
+        raw.send(FrameType.WINDOW, 1, window(1024))  # any frame clears the suspicion
+        await until(lambda: not conn.suspect)
+        assert conn.usable and opened.state is StreamState.OPEN
+
+
+async def open_accepted(raw: RawPeer, conn: MuxConnection) -> MuxStream:
+    stream = conn.open(TARGET)
+    attach(stream, Peer())
+    await raw.frame(FrameType.OPEN, stream.id)
+    raw.send(FrameType.ACCEPT, stream.id)
+    assert stream.accepted is not None
+    await stream.accepted
+    return stream
 
 async def test_answered_pings_keep_an_idle_connection(pki: Pki) -> None:
     config = MuxConfig(ping_interval=0.1, ping_timeout=0.2)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import logging
 import shutil
 import socket
 import subprocess
@@ -44,6 +45,7 @@ TD = "mesh.test"
 HOST = "127.78.2.1"
 BACKENDS = ["127.78.2.10", "127.78.2.11"]
 DEAD = "127.78.2.30"  # bound, never listening: connections to it are refused
+CABLE_HOST = "127.78.2.40"  # the forwarder between egress and ingress
 REVIEWS = f"tcp.reviews.default.west.{TD}"
 TUNNEL = tunnel_sni("west", TD)
 LIMIT = 20.0
@@ -296,6 +298,109 @@ async def test_tunnel_client_opens_streams(pki: Pki) -> None:
         finally:
             await client.close()
 
+
+
+class Cable:
+    """A TCP forwarder between the egress and the ingress whose "cable" can be pulled: while
+    cut it moves no byte either way (held, not dropped, as TCP would retransmit them) and
+    keeps both connections open, as a partition does."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.connected = asyncio.Event()
+        self.connected.set()
+        self.server: asyncio.Server | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.writers: list[asyncio.StreamWriter] = []
+
+    @property
+    def address(self) -> str:
+        assert self.server is not None
+        host, port = self.server.sockets[0].getsockname()[:2]
+        return f"{host}:{port}"
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._accept, CABLE_HOST, 0)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self.writers += [writer, up_writer]
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pump(src, dst))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while True:
+                await self.connected.wait()
+                data = await src.read(65536)
+                if not data:
+                    break
+                await self.connected.wait()
+                dst.write(data)
+                await dst.drain()
+        dst.close()
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for writer in self.writers:
+            writer.close()
+
+
+def silent_total() -> float:
+    return REGISTRY.get_sample_value("isthmus_tunnel_silent_total") or 0.0
+
+
+async def test_a_cut_link_fails_opens_fast_then_heals(
+    pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The partition drill: the link to a remote ingress is cut with the tunnel up. An OPEN
+    fails (as a connect timeout, which the egress retries elsewhere) once the probe PING
+    went unanswered, long before open_timeout (30 s here: only the probe can end it within
+    the test's limit); the next open fails at once; the healed link takes streams again."""
+    caplog.set_level(logging.INFO, logger="gateway.tunnel.transport")
+    config = MuxConfig(connections=1, open_timeout=30.0, open_probe_after=0.2, probe_timeout=0.5)
+    async with asyncio.timeout(LIMIT), site(pki) as s:
+        cable = Cable((HOST, s.port))
+        await cable.start()
+        client = TunnelClient(config, ClientContexts(TlsCredentials(pki.east, pki.bundle)))
+        try:
+            stream = await client.open(cable.address, "west", TD, REVIEWS)
+            stream.close()
+            before = silent_total()
+            cable.connected.clear()  # the cable is pulled
+            with pytest.raises(ConnectFailed) as info:
+                await client.open(cable.address, "west", TD, REVIEWS)
+            assert info.value.outcome == Outcome.CONNECT_TIMEOUT
+            assert isinstance(info.value.__cause__, StreamReset)
+            assert info.value.__cause__.reason == "tunnel_silent"
+            assert silent_total() == before + 1
+            (conn,) = client.connections(cable.address)
+            assert conn.suspect and not conn.lost  # only the keepalive drops a connection
+            # The next open does not wait at all: the connection takes no new streams.
+            with pytest.raises(ConnectFailed) as info:
+                await client.open(cable.address, "west", TD, REVIEWS)
+            assert info.value.outcome == Outcome.CONNECT_TIMEOUT
+            assert "tunnel silent" in str(info.value)
+            lines = [r for r in caplog.records
+                     if r.getMessage() == "tunnel peer silent, opens failed fast"]  # fmt: skip
+            assert len(lines) == 1 and lines[0].peer == cable.address  # type: ignore[attr-defined]
+            assert lines[0].silent_s >= 0  # type: ignore[attr-defined]
+            cable.connected.set()  # healed: the next probe PING is answered
+            await until(lambda: not conn.suspect)
+            stream = await client.open(cable.address, "west", TD, REVIEWS)
+            assert stream.connection is conn and silent_total() == before + 1
+            stream.close()
+            assert any(r.getMessage() == "tunnel peer heard again, takes streams"
+                       for r in caplog.records)  # fmt: skip
+        finally:
+            await client.close()
+            await cable.close()
 
 # --- streams that are refused -------------------------------------------------------------------
 
