@@ -8,12 +8,12 @@ which is what watchers (blocking queries, the routing table, peering) wait on.
 from __future__ import annotations
 
 import abc
-import asyncio
 import collections
 import ipaddress
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
+from discovery.changes import ChangeSignal
 from discovery.errors import Conflict, InvalidInput, NotFound
 from discovery.model import Health, Workload, WorkloadState
 from discovery.names import ServiceKey
@@ -133,7 +133,7 @@ class MemoryView:
         self.health_counts: collections.Counter[Health] = collections.Counter()
         self.index = 0
         self._log: collections.deque[tuple[int, str]] = collections.deque(maxlen=CHANGELOG_SIZE)
-        self._changed = asyncio.Event()
+        self._changed = ChangeSignal()
         self._listeners: list[ChangeListener] = []
 
     def load(self, states: Iterable[WorkloadState], index: int) -> None:
@@ -165,8 +165,7 @@ class MemoryView:
         self._log.append((index, workload_id))
         for listener in list(self._listeners):
             listener(index, workload_id, state)
-        self._changed.set()
-        self._changed = asyncio.Event()
+        self._changed.notify()
 
     def get(self, workload_id: str) -> WorkloadState:
         try:
@@ -198,14 +197,7 @@ class MemoryView:
 
     async def wait(self, index: int, timeout: float) -> int:
         if self.index <= index and timeout > 0:
-            event = self._changed
-            try:
-                async with asyncio.timeout(timeout):
-                    while self.index <= index:
-                        await event.wait()
-                        event = self._changed
-            except TimeoutError:
-                pass
+            await self._changed.wait_past(lambda: self.index, index, timeout)
         return self.index
 
     def changes_since(self, index: int) -> set[str] | None:

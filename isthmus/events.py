@@ -11,7 +11,6 @@ other events out of the ring.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import datetime as dt
 import time
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from discovery.catalog import Catalog
+from discovery.changes import ChangeSignal
 from discovery.model import Health, WorkloadState
 from federation.peering import PeerState, PeerStatus
 from federation.policy import TrafficPolicy
@@ -74,7 +74,7 @@ class EventLog:
         self._clock = clock
         self._ring: collections.deque[Event] = collections.deque(maxlen=capacity)
         self.index = 0
-        self._changed = asyncio.Event()
+        self._changed = ChangeSignal()
         self._window_start = 0.0
         self._in_window = 0
         self._suppressed = 0
@@ -97,8 +97,7 @@ class EventLog:
         self.index += 1
         event = Event(self.index, now, kind, message, {k: _clip(v) for k, v in fields.items()})
         self._ring.append(event)
-        self._changed.set()
-        self._changed = asyncio.Event()
+        self._changed.notify()
         return event
 
     def _close_window(self, now: float) -> None:
@@ -132,14 +131,7 @@ class EventLog:
         """Block until an event after `index` exists or `timeout` passes; the current index.
         An index ahead of ours (a client of an earlier run of this process) answers at once."""
         if self.index == index and timeout > 0:
-            event = self._changed
-            try:
-                async with asyncio.timeout(timeout):
-                    while self.index <= index:
-                        await event.wait()
-                        event = self._changed
-            except TimeoutError:
-                pass
+            await self._changed.wait_past(lambda: self.index, index, timeout)
         return self.index
 
 

@@ -17,7 +17,6 @@ blocking query wakes when the figures change and sleeps while everything is quie
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -25,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from discovery.changes import ChangeSignal
 from gateway import metrics
 
 __all__ = ["TrafficHistory", "quantile"]
@@ -96,7 +96,7 @@ class TrafficHistory:
         self._last_series: dict[SeriesKey, Figures] = {}
         self._last_at = clock()
         self.index = 0
-        self._changed = asyncio.Event()
+        self._changed = ChangeSignal()
         self._task: asyncio.Task[None] | None = None
         self._primed = False
 
@@ -143,8 +143,7 @@ class TrafficHistory:
 
     def _bump(self) -> None:
         self.index += 1
-        self._changed.set()
-        self._changed = asyncio.Event()
+        self._changed.notify()
 
     # -- reads -----------------------------------------------------------------------------------
     def edges(self, window: float = 60.0) -> dict[str, Any]:
@@ -203,12 +202,7 @@ class TrafficHistory:
     async def wait(self, index: int, timeout: float) -> int:
         """Block until a tick moves the index past `index` (or `timeout`); the index."""
         if self.index == index and timeout > 0:
-            event = self._changed
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    while self.index <= index:
-                        await event.wait()
-                        event = self._changed
+            await self._changed.wait_past(lambda: self.index, index, timeout)
         return self.index
 
     # -- running -----------------------------------------------------------------------------
