@@ -19,6 +19,8 @@ description:
   - Run it where the API is reachable (C(delegate_to) a control node, or C(run_once) on one).
 author:
   - Isthmus maintainers
+extends_documentation_fragment:
+  - isthmus.appliance.api
 options:
   service:
     description: The service, C(name) or C(name.namespace) (namespace C(default) when omitted).
@@ -42,21 +44,6 @@ options:
         fails (C(false)).
     type: bool
     default: true
-  api_url:
-    description: The control API's URL.
-    type: str
-    default: http://127.0.0.1:15000
-  token:
-    description: The API token. Prefer I(token_file), which keeps the token off the controller.
-    type: str
-  token_file:
-    description: A file holding the API token, on the host the module runs on.
-    type: path
-    default: /etc/isthmus/api-token
-  timeout:
-    description: Seconds to wait for the API.
-    type: int
-    default: 10
 attributes:
   check_mode:
     support: full

@@ -22,6 +22,8 @@ description:
     the API refuses to replace it (HTTP 409) and the task fails saying so.
 author:
   - Isthmus maintainers
+extends_documentation_fragment:
+  - isthmus.appliance.api
 options:
   id:
     description: The workload's ID, unique in its cluster.
@@ -102,21 +104,6 @@ options:
       deregister_after:
         description: Deregister the workload once it has been critical this long.
         type: str
-  api_url:
-    description: The control API's URL.
-    type: str
-    default: http://127.0.0.1:15000
-  token:
-    description: The API token. Prefer I(token_file), which keeps the token off the controller.
-    type: str
-  token_file:
-    description: A file holding the API token, on the host the module runs on.
-    type: path
-    default: /etc/isthmus/api-token
-  timeout:
-    description: Seconds to wait for the API.
-    type: int
-    default: 10
 attributes:
   check_mode:
     support: full
